@@ -199,7 +199,7 @@ def reference_delta(
         return out.to(x.dtype)
     A64, B64 = A.double(), B.double()
     for t in range(x.shape[0]):
-        z = [float(A64[i] @ x[t].double()) for i in range(num_experts)]
+        z = (A64 @ x[t].double()).tolist()
         norm = max(sum(v * v for v in z) ** 0.5, NORM_EPS)
         s = [v / norm for v in z]
         k = min(max(top_k, 2), num_experts)

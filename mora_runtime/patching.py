@@ -1,0 +1,213 @@
+"""Wrap the target linear layers of a Hugging Face model with MoRA expert layers.
+
+Like PEFT, the wrapper keeps the original module as `base_layer` and unpatching puts it
+back; unlike PEFT there is no Python loop over adapters: every layer reads one slot buffer
+of the shared `ExpertPool` and the `ForwardContext` of the current forward pass.
+
+Supported: `nn.Linear` (Llama/Qwen/Mistral families, CLIP) and GPT-2's `Conv1D`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .context import ForwardContext
+from .experts import apply_values, route
+from .pool import ExpertPool, PoolSnapshot, RoutingConfig
+
+# Module-name suffixes adapted by default, per model family (MORA_SPEC.md settings).
+TARGET_PRESETS: dict[str, tuple[str, ...]] = {
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "llama-mlp": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "gpt2": ("attn.c_attn", "attn.c_proj"),
+    "clip": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+}
+
+
+def default_targets(model: nn.Module) -> tuple[str, ...]:
+    model_type = getattr(getattr(model, "config", None), "model_type", "")
+    if model_type == "gpt2":
+        return TARGET_PRESETS["gpt2"]
+    if model_type.startswith("clip"):
+        return TARGET_PRESETS["clip"]
+    return TARGET_PRESETS["llama"]
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers' GPT-2 Conv1D: weight [D, O], y = x @ W + b.
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int] | None:
+    """(in_features D, out_features O) of an adaptable module, else None."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if _is_conv1d(module):
+        return module.weight.shape[0], module.weight.shape[1]
+    return None
+
+
+def _matches(path: str, targets: Sequence[str]) -> bool:
+    return any(path == t or path.endswith("." + t) for t in targets)
+
+
+def find_target_modules(
+    model: nn.Module, targets: Sequence[str] | None = None
+) -> dict[str, tuple[int, int]]:
+    """Module path -> (D, O) for every adaptable module whose name matches `targets`."""
+    targets = tuple(targets or default_targets(model))
+    found = {}
+    for path, module in model.named_modules():
+        if isinstance(module, MoRALinear):
+            found[path] = linear_shape(module.base_layer)
+            continue
+        if ".base_layer" in path or not _matches(path, targets):
+            continue
+        shape = linear_shape(module)
+        if shape is not None:
+            found[path] = shape
+    if not found:
+        raise ValueError(f"no linear module of {type(model).__name__} matches {targets}")
+    return found
+
+
+def module_kind(path: str) -> str:
+    """Bounded metric label for a module path: its last name, e.g. "q_proj"."""
+    return path.rsplit(".", 1)[-1]
+
+
+class MoRALinear(nn.Module):
+    """y = base_layer(x) + the MoRA delta of this layer's experts (MORA_SPEC.md step 6)."""
+
+    def __init__(self, base_layer: nn.Module, pool: ExpertPool, path: str) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.path = path
+        self.kind = module_kind(path)
+        # A plain attribute, not a submodule: the pool is shared by every wrapped layer.
+        object.__setattr__(self, "_pool", pool)
+
+    @property
+    def pool(self) -> ExpertPool:
+        return self._pool
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base_layer(x)
+        pool = self.pool
+        num_slots = pool.num_slots
+        if num_slots == 0:
+            return y  # empty pool: the base output, bit for bit
+        ctx = current_context(pool)
+        if not ctx.visible_any():
+            return y
+        layer = pool.layers[self.path]
+        routing_cfg = pool.routing
+        x2 = x.reshape(-1, x.shape[-1])  # [T, D]
+        num_tokens = x2.shape[0]
+        batch_rows = x.shape[0] if x.ndim > 2 else 1
+        device = x2.device
+        seq = ctx.tokens_to_seq(num_tokens, batch_rows, device)  # [T]
+        masks = ctx.seq_masks(num_slots, device)  # [S, N]
+        token_mask = masks if masks.shape[0] == 1 else masks[seq]  # [1|T, N]
+        top_k = ctx.per_seq_setting("top_k", device, torch.long)  # [S] | None
+        threshold = ctx.per_seq_setting("threshold", device, x2.dtype)  # [S] | None
+        if top_k is not None:
+            top_k = top_k[seq]
+        if threshold is not None:
+            threshold = threshold[seq]
+
+        A = layer.A[:num_slots].to(x2.dtype)  # [N, D]
+        z = x2 @ A.t()  # [T, N]: every expert scores every token
+        routing = route(
+            z,
+            top_k=top_k if top_k is not None else routing_cfg.top_k,
+            tau=routing_cfg.tau,
+            threshold=threshold if threshold is not None else routing_cfg.threshold,
+            training=ctx.training,
+            slot_mask=token_mask,
+            slot_scale=pool.slot_scale.to(x2.dtype),
+        )
+        ctx.record_routing(self.kind, routing, seq, num_slots)
+        delta = apply_values(routing, layer.B[:num_slots].to(x2.dtype))  # [T, O]
+        return y + delta.reshape(y.shape).to(y.dtype)
+
+
+# Context plumbing ------------------------------------------------------------------------
+_state = threading.local()
+
+
+def current_context(pool: ExpertPool) -> ForwardContext:
+    """The context set for `pool` on this thread, else the latest version for all tokens."""
+    contexts: dict[int, ForwardContext] = getattr(_state, "contexts", {})
+    ctx = contexts.get(id(pool))
+    if ctx is None:
+        return ForwardContext([pool.latest()], record=False)
+    return ctx
+
+
+@contextlib.contextmanager
+def forward_context(pool: ExpertPool, ctx: ForwardContext) -> Iterator[ForwardContext]:
+    """Make `ctx` the routing context of every forward through `pool` on this thread."""
+    contexts = _state.__dict__.setdefault("contexts", {})
+    previous = contexts.get(id(pool))
+    contexts[id(pool)] = ctx
+    try:
+        yield ctx
+    finally:
+        if previous is None:
+            contexts.pop(id(pool), None)
+        else:
+            contexts[id(pool)] = previous
+
+
+def use_snapshots(
+    pool: ExpertPool, snapshots: Sequence[PoolSnapshot], **kwargs
+) -> contextlib.AbstractContextManager[ForwardContext]:
+    """Shorthand: `with use_snapshots(pool, [snap_a, snap_b]): model(batch_of_two)`."""
+    return forward_context(pool, ForwardContext(snapshots, **kwargs))
+
+
+# Patching --------------------------------------------------------------------------------
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, name, module)
+
+
+def patch_model(
+    model: nn.Module,
+    targets: Sequence[str] | None = None,
+    *,
+    capacity: int = 64,
+    routing: RoutingConfig | None = None,
+    pool: ExpertPool | None = None,
+) -> ExpertPool:
+    """Wrap every target module of `model`; returns the (new or given) pool it reads."""
+    if getattr(model, "mora_pool", None) is not None:
+        raise ValueError("model is already patched; unpatch it first")
+    shapes = find_target_modules(model, targets)
+    param = next(model.parameters())
+    if pool is None:
+        pool = ExpertPool(
+            shapes, capacity=capacity, routing=routing, device=param.device, dtype=param.dtype
+        )
+    elif set(pool.layers) != set(shapes):
+        raise ValueError("the given pool was built for different modules")
+    for path in shapes:
+        _set_submodule(model, path, MoRALinear(model.get_submodule(path), pool, path))
+    object.__setattr__(model, "mora_pool", pool)
+    return pool
+
+
+def unpatch_model(model: nn.Module) -> None:
+    """Put every original module back; the model is then exactly the unpatched model."""
+    for path, module in list(model.named_modules()):
+        if isinstance(module, MoRALinear):
+            _set_submodule(model, path, module.base_layer)
+    if "mora_pool" in model.__dict__:
+        del model.__dict__["mora_pool"]
