@@ -7,7 +7,7 @@ Semantics (MORA_SPEC.md, per token x):
 
 Shape legend:
     T = tokens, D = layer input size, O = layer output size,
-    N = expert slots scored, K = experts kept per token (k_eff), U = slots used by a batch.
+    N = expert slots scored, K = experts kept per token (k_eff), P = active prefix of K.
 
 Two implementations live here on purpose: `reference_delta` is a per-token loop that reads
 like the spec, `mora_delta` / `route` + `apply_values` are the serving fast path. Tests
@@ -24,11 +24,10 @@ from torch import Tensor
 NORM_EPS = 1e-12
 MIN_TOP_K = 2
 
-# Value-side strategy: the compact product touches only the U slots some token kept, at the
-# cost of a `unique` and a row gather; below this many slots the dense product always wins.
-_COMPACT_MIN_SLOTS = 32
-# Use the compact product when it needs at most this fraction of the dense FLOPs.
-_COMPACT_MAX_FRACTION = 0.5
+# Below these sizes the dense value product beats gathering rows (measured with
+# benchmarks/experts.py on 2 CPU cores).
+_GATHER_MIN_SLOTS = 32
+_GATHER_MIN_MACS = 1 << 20
 
 PerToken = float | int | Tensor
 
@@ -51,20 +50,17 @@ class Routing:
         """[T] long: how many experts contribute to each token."""
         return self.active.sum(dim=-1)
 
-    def used_slots(self) -> Tensor:
-        """[U] long: sorted slots that at least one token activated."""
-        return torch.unique(self.slots[self.active])
-
 
 def effective_top_k(top_k: int, num_experts: int) -> int:
     """k_eff = min(max(k, 2), N): the budget is never below 2 nor above the pool."""
     return min(max(int(top_k), MIN_TOP_K), num_experts)
 
 
-def _per_token(value: PerToken, like: Tensor) -> Tensor:
-    """A scalar or [T] setting as a [T, 1] tensor broadcastable against [T, K]."""
-    t = torch.as_tensor(value, dtype=like.dtype, device=like.device)
-    return t.reshape(-1, 1) if t.ndim else t.reshape(1, 1)
+def _per_token(value: PerToken, like: Tensor) -> Tensor | float:
+    """A scalar stays a Python number (no tensor op); a [T] setting becomes [T, 1]."""
+    if isinstance(value, Tensor):
+        return value.to(device=like.device, dtype=like.dtype).reshape(-1, 1)
+    return float(value)
 
 
 def route(
@@ -87,72 +83,90 @@ def route(
     `scale` applies to all.
     """
     num_slots = z.shape[1]  # z [T, N]
+    candidates = z
     if slot_mask is not None:
         z = z.masked_fill(~slot_mask, 0.0)  # [T, N]: hidden slots leave the norm untouched
-    norm = z.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)  # [T, 1]
-    s = z / norm  # [T, N]
-    if slot_mask is not None:
-        s = s.masked_fill(~slot_mask, float("-inf"))  # [T, N]: never selected
+        candidates = z.masked_fill(~slot_mask, float("-inf"))  # [T, N]: never selected
+    # Top-k on z picks the same experts as on s = z / ||z|| (a positive per-token scalar),
+    # so the [T, N] division is skipped: only the kept scores get normalised.
+    norm = torch.linalg.vector_norm(z, dim=-1, keepdim=True)  # [T, 1]
+    inv_norm = norm.clamp_min(NORM_EPS).reciprocal()  # [T, 1]
 
     per_token_k = isinstance(top_k, Tensor)
-    k_max = int(top_k.max()) if per_token_k else int(top_k)
-    k = effective_top_k(k_max, num_slots)
-    kept_s, slots = s.topk(k, dim=-1, sorted=True)  # [T, K]
-    valid = torch.isfinite(kept_s)  # [T, K]: false only for hidden slots
-    if per_token_k:
-        budget = top_k.to(z.device).clamp_min(MIN_TOP_K).reshape(-1, 1)  # [T, 1]
-        valid &= torch.arange(k, device=z.device).reshape(1, -1) < budget  # [T, K]
+    k = effective_top_k(int(top_k.max()) if per_token_k else int(top_k), num_slots)
+    kept_z, slots = candidates.topk(k, dim=-1, sorted=True)  # [T, K]
+    kept_s = kept_z * inv_norm  # [T, K]; -inf where hidden
 
-    # Softmax over the kept experts only; written out so a token with nothing valid gets
-    # all-zero weights instead of NaN.
-    logits = (kept_s / _per_token(tau, z)).masked_fill(~valid, float("-inf"))  # [T, K]
-    peak = logits.amax(dim=-1, keepdim=True).nan_to_num(0.0, neginf=0.0)  # [T, 1]
-    e = torch.exp(logits - peak)  # [T, K]: exp(-inf) = 0 for invalid entries
-    w = e / e.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)  # [T, K]
+    valid: Tensor | None = None
+    if slot_mask is not None or per_token_k:
+        valid = torch.isfinite(kept_s)  # [T, K]: false only for hidden slots
+        if per_token_k:
+            budget = top_k.to(z.device).clamp_min(MIN_TOP_K).reshape(-1, 1)  # [T, 1]
+            valid &= torch.arange(k, device=z.device).reshape(1, -1) < budget
+        kept_z = z.gather(-1, slots)  # [T, K]: finite raw scores (0 where hidden)
 
-    active = valid
-    if not training:
-        active = valid & (kept_s >= _per_token(threshold, z))  # [T, K]
-        w = w * active  # no renormalisation after pruning (spec step 5)
+    logits = kept_s / _per_token(tau, z)  # [T, K]
+    if valid is None:
+        w = torch.softmax(logits, dim=-1)  # [T, K]: every kept expert is valid
+    else:
+        # Written out so that a token with nothing valid gets zero weights, not NaN.
+        logits = logits.masked_fill(~valid, float("-inf"))
+        peak = logits.amax(dim=-1, keepdim=True).nan_to_num(0.0, neginf=0.0)  # [T, 1]
+        e = torch.exp(logits - peak)  # [T, K]: exp(-inf) = 0 for invalid entries
+        w = e / e.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)
 
-    z_kept = z.gather(-1, slots)  # [T, K]: weights multiply the raw projection
-    per_slot_scale = slot_scale[slots] if slot_scale is not None else scale
-    coeff = w * z_kept * per_slot_scale  # [T, K]
+    if training:
+        active = valid if valid is not None else torch.ones_like(slots, dtype=torch.bool)
+    else:
+        active = kept_s >= _per_token(threshold, z)  # [T, K]
+        if valid is not None:
+            active &= valid
+        w = torch.where(active, w, 0.0)  # no renormalisation after pruning (spec step 5)
+
+    # The weights multiply the raw projection z_i, not s_i (spec step 6).
+    coeff = w * kept_z  # [T, K]
+    if slot_scale is not None:
+        coeff = coeff * slot_scale[slots]
+    elif scale != 1.0:
+        coeff = coeff * scale
     return Routing(slots=slots, coeff=coeff, active=active)
 
 
-def apply_values(routing: Routing, B: Tensor, *, strategy: str = "auto") -> Tensor:
-    """delta [T, O] = sum over kept experts of coeff * B[slot].
+def choose_strategy(num_tokens: int, top_k: int, num_slots: int, out_features: int) -> str:
+    """The cheaper value-side product for these shapes (see `apply_values`)."""
+    # Dense costs T*N*O multiply-adds; gather about T*K*O plus a few fixed-cost ops, which
+    # only pays once the dense product is big (thresholds from benchmarks/experts.py).
+    dense_macs = num_tokens * num_slots * out_features
+    if num_slots < max(_GATHER_MIN_SLOTS, 4 * top_k) or dense_macs < _GATHER_MIN_MACS:
+        return "dense"
+    return "gather"
 
-    strategy "dense" scatters coefficients into [T, N] and multiplies by all of B (what a
-    rank-N LoRA costs); "compact" multiplies only by the U rows some token uses; "auto" picks
-    the cheaper from the shapes.
+
+def apply_values(routing: Routing, B: Tensor, *, strategy: str = "auto") -> Tensor:
+    """delta [T, O] = sum over active experts of coeff * B[slot].
+
+    "dense" scatters coefficients into [T, N] and multiplies by all of B (what a rank-N LoRA
+    costs). "gather" uses that the active experts of a token are a prefix of its kept list
+    (the list is sorted by score, and hiding, budgets and the threshold all cut from the
+    bottom): it reads only the first P = max active-per-token rows of B for each token, so
+    its cost follows the experts that survived pruning, not N. "auto" picks from the shapes.
     """
     num_tokens, k = routing.coeff.shape  # [T, K]
     num_slots, out_features = B.shape  # [N, O]
-    if num_tokens == 0 or k == 0:
-        return B.new_zeros(num_tokens, out_features)
     if strategy == "auto":
-        strategy = "dense" if num_slots < _COMPACT_MIN_SLOTS else "compact"
+        strategy = choose_strategy(num_tokens, k, num_slots, out_features)
+    coeff = routing.coeff if routing.coeff.dtype == B.dtype else routing.coeff.to(B.dtype)
     if strategy == "dense":
-        weights = B.new_zeros(num_tokens, num_slots)  # [T, N]
-        weights.scatter_add_(1, routing.slots, routing.coeff.to(B.dtype))
-        return weights @ B  # [T, O]
-    if strategy != "compact":
+        weights = B.new_zeros(num_tokens, num_slots).scatter_add(1, routing.slots, coeff)
+        return weights @ B  # [T, N] x [N, O]
+    if strategy != "gather":
         raise ValueError(f"unknown value strategy {strategy!r}")
-
-    used = routing.used_slots()  # [U]
-    num_used = used.numel()
-    if num_used == 0:
+    prefix = int(routing.active_per_token.max()) if num_tokens else 0  # P (one host sync)
+    if prefix == 0:
         return B.new_zeros(num_tokens, out_features)
-    if num_used * (num_tokens + 1) > _COMPACT_MAX_FRACTION * num_tokens * num_slots:
-        return apply_values(routing, B, strategy="dense")
-    position = torch.zeros(num_slots, dtype=torch.long, device=B.device)  # [N]
-    position[used] = torch.arange(num_used, device=B.device)
-    weights = B.new_zeros(num_tokens, num_used)  # [T, U]
-    # Inactive entries carry coeff 0, so scattering them into any column is harmless.
-    weights.scatter_add_(1, position[routing.slots], routing.coeff.to(B.dtype))
-    return weights @ B.index_select(0, used)  # [T, U] x [U, O] -> [T, O]
+    slots = routing.slots[:, :prefix].reshape(-1)  # [T * P]
+    rows = B.index_select(0, slots).view(num_tokens, prefix, out_features)  # [T, P, O]
+    return torch.bmm(coeff[:, :prefix].unsqueeze(1), rows).squeeze(1)  # [T, 1, P] x [T, P, O]
 
 
 def mora_delta(
@@ -175,10 +189,9 @@ def mora_delta(
     num_tokens = x.shape[0]
     if A.shape[0] == 0:
         return x.new_zeros(num_tokens, B.shape[1])
-    z = x @ A.t()  # [T, N]
+    z = x @ A.t()  # [T, N]: the key side stays dense, every expert scores every token
     routing = route(z, top_k=top_k, tau=tau, threshold=threshold, training=training, scale=scale)
-    strategy = "dense" if training else "auto"  # autograd through the dense product is simplest
-    return apply_values(routing, B, strategy=strategy)
+    return apply_values(routing, B)
 
 
 def reference_delta(

@@ -91,12 +91,14 @@ def test_at_most_floor_inverse_delta_squared_experts_pass():
     assert int(routing.active_per_token.max()) <= 25
 
 
-def test_dense_and_compact_value_products_agree():
-    x, A, B = make_case("skewed", 64, 640, seed=4)
-    routing = route(x @ A.t(), top_k=16, tau=0.03, threshold=0.05)
+@pytest.mark.parametrize("num_tokens,threshold", [(1, 0.05), (64, 0.05), (64, 0.9), (300, -1.0)])
+def test_value_strategies_agree(num_tokens, threshold):
+    x, A, B = make_case("skewed", num_tokens, 640, seed=4)
+    routing = route(x @ A.t(), top_k=16, tau=0.03, threshold=threshold)
     dense = apply_values(routing, B, strategy="dense")
-    compact = apply_values(routing, B, strategy="compact")
-    torch.testing.assert_close(dense, compact, rtol=1e-5, atol=1e-5)
+    for strategy in ("gather", "auto"):
+        got = apply_values(routing, B, strategy=strategy)
+        torch.testing.assert_close(got, dense, rtol=1e-5, atol=1e-5, msg=strategy)
     with pytest.raises(ValueError):
         apply_values(routing, B, strategy="bogus")
 
