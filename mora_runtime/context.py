@@ -41,6 +41,7 @@ class ForwardContext:
         threshold: Sequence[float] | None = None,
         training: bool = False,
         record: bool = True,
+        valid_tokens: Tensor | None = None,
     ) -> None:
         if not snapshots:
             raise ValueError("a forward context needs at least one snapshot")
@@ -50,6 +51,8 @@ class ForwardContext:
         self.threshold = threshold
         self.training = training
         self.record = record
+        # [T] bool: tokens that count in the statistics (padding computes but is not counted)
+        self.valid_tokens = valid_tokens
         self._masks: dict[tuple[int, torch.device], Tensor] = {}
         self._settings: dict[tuple[str, torch.device], Tensor] = {}
         self._seq_cache: dict[tuple[int, int], Tensor] = {}
@@ -111,8 +114,13 @@ class ForwardContext:
         c = self._counters
         if c is None or c.slot_hits.shape[1] < num_slots:
             c = self._grow_counters(num_slots, device)
-        per_token = routing.active.sum(dim=-1)  # [T]
-        c.observations.index_add_(0, seq, torch.ones_like(per_token))
+        active = routing.active  # [T, K]
+        counted = torch.ones_like(seq)  # [T]
+        if self.valid_tokens is not None:
+            counted = self.valid_tokens.to(device=device, dtype=torch.long)
+            active = active & self.valid_tokens.to(device).unsqueeze(1)
+        per_token = active.sum(dim=-1)  # [T]
+        c.observations.index_add_(0, seq, counted)
         c.active.index_add_(0, seq, per_token)
         k = routing.active.shape[1]
         hist = c.histograms.get(kind)
@@ -121,9 +129,9 @@ class ForwardContext:
             if hist is not None:
                 grown[: hist.numel()] += hist
             hist = c.histograms[kind] = grown
-        hist += torch.bincount(per_token, minlength=hist.numel())[: hist.numel()]
+        hist += torch.bincount(per_token, weights=counted, minlength=hist.numel()).long()
         rows = seq.unsqueeze(1).expand_as(routing.slots)  # [T, K]
-        c.slot_hits.index_put_((rows, routing.slots), routing.active.long(), accumulate=True)
+        c.slot_hits.index_put_((rows, routing.slots), active.long(), accumulate=True)
 
     def _grow_counters(self, num_slots: int, device: torch.device) -> _Counters:
         s = self.num_sequences

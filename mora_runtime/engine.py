@@ -1,0 +1,453 @@
+"""Continuous-batching generation engine: scheduler, step loop and sampling.
+
+One background thread runs `step()` forever. A step either prefills newly admitted requests
+(batched, left-padded) and merges them into the running batch, or decodes one token for
+every running sequence. Finished and aborted sequences leave the batch at once. Every
+sequence is pinned to the pool version it was admitted at; pool mutations run between steps
+through `run_exclusive`, so a forward never sees a half-loaded expert set.
+
+Shape legend: S = running sequences, L = cache columns, V = vocabulary, P = prompt length.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+
+from .context import ForwardContext
+from .kv_cache import BatchKVCache
+from .patching import forward_context
+from .pool import ExpertPool, PoolSnapshot
+from .sampling import SamplingParams, sample_next
+from .stats import SequenceRouting, StepTiming
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+__all__ = ["Engine", "EngineConfig", "EngineOverloaded", "SamplingParams", "TokenEvent"]
+
+
+class EngineOverloaded(RuntimeError):
+    """The waiting queue is full; the caller should retry later."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_running: int = 32  # sequences decoded together
+    max_waiting: int = 256  # queued requests before `submit` refuses
+    max_prefill_tokens: int = 4096  # prompt tokens prefilled in one step
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token (or the end) of one request."""
+
+    request_id: str
+    token_id: int | None  # None only on a final event that carries no token
+    logprob: float | None
+    top_logprobs: tuple[tuple[int, float], ...]
+    finish_reason: str | None  # "stop", "length", "abort", or None while running
+    pool_version: int
+    routing: SequenceRouting | None = None  # totals of the request, on the final event
+    prompt_logprobs: tuple[tuple[float | None, tuple[tuple[int, float], ...]], ...] | None = None
+
+
+@dataclass
+class _Sequence:
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    on_event: Callable[[TokenEvent], None]
+    snapshot: PoolSnapshot | None = None
+    generator: torch.Generator | None = None
+    output: list[int] = field(default_factory=list)
+    counts: Tensor | None = None  # [V] token counts, only when penalties are on
+    routing: SequenceRouting = field(default_factory=SequenceRouting)
+    next_token: int = 0
+    position: int = 0  # position id of the next input token
+
+
+class Engine:
+    """Continuous batching over a (patched) Hugging Face causal LM."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        eos_token_ids: tuple[int, ...],
+        max_context: int,
+        pad_token_id: int = 0,
+        pool: ExpertPool | None = None,
+        config: EngineConfig | None = None,
+        on_step: Callable[[StepTiming, dict[str, tuple[int, ...]]], None] | None = None,
+    ) -> None:
+        self.model = model
+        self.pool = pool
+        self.config = config or EngineConfig()
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_context = max_context
+        self.pad_token_id = pad_token_id
+        self.device = next(model.parameters()).device
+        self.num_layers = model.config.get_text_config().num_hidden_layers
+        self.on_step = on_step
+        self._waiting: collections.deque[_Sequence] = collections.deque()
+        self._running: list[_Sequence] = []
+        self._aborted: set[str] = set()
+        self._cache: BatchKVCache | None = None
+        self._mask: Tensor | None = None  # [S, L] long: 1 for real tokens, 0 for padding
+        self._step_lock = threading.Lock()
+        self._wakeup = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self._ids = itertools.count()
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def submit(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        on_event: Callable[[TokenEvent], None],
+        request_id: str | None = None,
+    ) -> str:
+        """Queue a request; `on_event` is called from the engine thread for every token."""
+        if not prompt:
+            raise ValueError("the prompt must hold at least one token")
+        if len(prompt) + params.max_tokens > self.max_context:
+            raise ValueError(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                f"the context length ({self.max_context})"
+            )
+        request_id = request_id or f"req-{next(self._ids)}"
+        seq = _Sequence(request_id, list(prompt), params, on_event)
+        with self._wakeup:
+            if len(self._waiting) >= self.config.max_waiting:
+                raise EngineOverloaded(f"{len(self._waiting)} requests are already waiting")
+            self._waiting.append(seq)
+            self._wakeup.notify()
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request; its slot is freed before the next forward pass."""
+        with self._wakeup:
+            self._aborted.add(request_id)
+            self._wakeup.notify()
+
+    def run_exclusive(self, fn: Callable[[], T]) -> T:
+        """Run `fn` between two steps (for pool mutations)."""
+        with self._step_lock:
+            return fn()
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="mora-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        with self._wakeup:
+            self._stop = True
+            self._wakeup.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def generate(self, prompt: list[int], params: SamplingParams) -> list[TokenEvent]:
+        """Blocking convenience: submit and wait for every event (engine must be started)."""
+        events: list[TokenEvent] = []
+        done = threading.Event()
+
+        def collect(event: TokenEvent) -> None:
+            events.append(event)
+            if event.finish_reason is not None:
+                done.set()
+
+        self.submit(prompt, params, collect)
+        done.wait()
+        return events
+
+    # ------------------------------------------------------------------ step loop
+    def _loop(self) -> None:
+        while True:
+            with self._wakeup:
+                while not self._stop and not (self._waiting or self._running or self._aborted):
+                    self._wakeup.wait()
+                if self._stop:
+                    break
+            try:
+                self.step()
+            except Exception:  # a broken step must not kill the server: fail its requests
+                logger.exception("engine step failed; aborting the requests in it")
+                self._fail_all()
+        self._fail_all()
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        with self._step_lock:
+            started = time.perf_counter()
+            self._apply_aborts()
+            admitted = self._admit()
+            prefill_tokens = decode_tokens = 0
+            histograms: dict[str, tuple[int, ...]] = {}
+            if admitted:
+                histograms = self._prefill(admitted)
+                prefill_tokens = sum(len(s.prompt) for s in admitted)
+            elif self._running:
+                decode_tokens = len(self._running)
+                histograms = self._decode()
+            if self.on_step is not None and (prefill_tokens or decode_tokens):
+                timing = StepTiming(
+                    time.perf_counter() - started,
+                    prefill_tokens,
+                    decode_tokens,
+                    len(self._running),
+                    len(self._waiting),
+                )
+                self.on_step(timing, histograms)
+
+    def _admit(self) -> list[_Sequence]:
+        admitted: list[_Sequence] = []
+        budget = self.config.max_prefill_tokens
+        with self._wakeup:
+            while self._waiting and len(self._running) + len(admitted) < self.config.max_running:
+                if admitted and len(self._waiting[0].prompt) > budget:
+                    break
+                seq = self._waiting.popleft()
+                budget -= len(seq.prompt)
+                admitted.append(seq)
+        for seq in admitted:
+            seq.snapshot = self.pool.acquire() if self.pool is not None else None
+            if seq.params.seed is not None:
+                seq.generator = torch.Generator().manual_seed(seq.params.seed)
+        return admitted
+
+    def _forward(
+        self,
+        seqs: list[_Sequence],
+        ids: Tensor,
+        mask: Tensor,
+        positions: Tensor,
+        *,
+        cache: BatchKVCache,
+        all_logits: bool,
+        valid: Tensor | None,
+    ):
+        kwargs: dict[str, Any] = dict(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=0 if all_logits else 1,
+        )
+        if self.pool is None:
+            return self.model(**kwargs).logits, None
+        ctx = ForwardContext(
+            [s.snapshot for s in seqs],
+            top_k=self._overrides(seqs, "top_k", self.pool.routing.top_k),
+            threshold=self._overrides(seqs, "threshold", self.pool.routing.threshold),
+            valid_tokens=valid,
+        )
+        with forward_context(self.pool, ctx):
+            logits = self.model(**kwargs).logits
+        return logits, ctx.collect()
+
+    @staticmethod
+    def _overrides(seqs: list[_Sequence], name: str, default: float) -> list | None:
+        values = [getattr(s.params, name) for s in seqs]
+        if all(v is None for v in values):
+            return None
+        return [default if v is None else v for v in values]
+
+    def _prefill(self, seqs: list[_Sequence]) -> dict[str, tuple[int, ...]]:
+        lengths = [len(s.prompt) for s in seqs]
+        width = max(lengths)
+        ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)  # [n, P]
+        mask = torch.zeros(len(seqs), width, dtype=torch.long)  # [n, P]
+        for row, seq in enumerate(seqs):
+            ids[row, width - len(seq.prompt) :] = torch.tensor(seq.prompt)
+            mask[row, width - len(seq.prompt) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)  # [n, P]
+        ids, mask, positions = (t.to(self.device) for t in (ids, mask, positions))
+        cache = BatchKVCache(self.num_layers)
+        want_prompt_logprobs = any(s.params.prompt_logprobs is not None for s in seqs)
+        logits, routing = self._forward(
+            seqs,
+            ids,
+            mask,
+            positions,
+            cache=cache,
+            all_logits=want_prompt_logprobs,
+            valid=mask.reshape(-1).bool(),
+        )
+        prompt_logprobs = (
+            [self._prompt_logprobs(s, logits[row], width) for row, s in enumerate(seqs)]
+            if want_prompt_logprobs
+            else [None] * len(seqs)
+        )
+        for seq, length in zip(seqs, lengths, strict=True):
+            seq.position = length
+        self._merge(seqs, cache, mask)
+        self._emit_step(seqs, logits[:, -1].float(), routing, prompt_logprobs)
+        return routing.histograms if routing is not None else {}
+
+    def _prompt_logprobs(self, seq: _Sequence, logits: Tensor, width: int):
+        if seq.params.prompt_logprobs is None:
+            return None
+        start = width - len(seq.prompt)
+        logprobs = torch.log_softmax(logits[start:].float(), dim=-1)  # [P, V]
+        out: list[tuple[float | None, tuple[tuple[int, float], ...]]] = [(None, ())]
+        n = seq.params.prompt_logprobs
+        for i, token in enumerate(seq.prompt[1:]):
+            row = logprobs[i]
+            top = row.topk(n) if n else None
+            alts = tuple(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top else ()
+            out.append((float(row[token]), alts))
+        return tuple(out)
+
+    def _merge(self, seqs: list[_Sequence], cache: BatchKVCache, mask: Tensor) -> None:
+        if self._cache is None or not self._running:
+            self._cache, self._mask, self._running = cache, mask, list(seqs)
+            return
+        merged, pad_old, pad_new = BatchKVCache.merge(self._cache, cache)
+        old_mask = torch.nn.functional.pad(self._mask, (pad_old, 0))
+        new_mask = torch.nn.functional.pad(mask, (pad_new, 0))
+        self._cache, self._mask = merged, torch.cat([old_mask, new_mask])
+        self._running = self._running + list(seqs)
+
+    def _decode(self) -> dict[str, tuple[int, ...]]:
+        seqs = self._running
+        ids = torch.tensor([[s.next_token] for s in seqs], device=self.device)  # [S, 1]
+        positions = torch.tensor([[s.position] for s in seqs], device=self.device)  # [S, 1]
+        ones = torch.ones(len(seqs), 1, dtype=torch.long, device=self.device)
+        self._mask = torch.cat([self._mask, ones], dim=1)  # [S, L + 1]
+        logits, routing = self._forward(
+            seqs, ids, self._mask, positions, cache=self._cache, all_logits=False, valid=None
+        )
+        self._emit_step(seqs, logits[:, -1].float(), routing, [None] * len(seqs))
+        return routing.histograms if routing is not None else {}
+
+    def _emit_step(self, seqs, logits: Tensor, routing, prompt_logprobs) -> None:
+        """Sample one token per sequence, send the events, and retire finished rows."""
+        for seq in seqs:
+            if seq.params.penalised and seq.counts is None:
+                seq.counts = torch.zeros(logits.shape[-1], dtype=torch.float32)
+        picks = sample_next(
+            logits, [s.params for s in seqs], [s.generator for s in seqs], [s.counts for s in seqs]
+        )
+        finished: list[int] = []
+        for row, (seq, pick) in enumerate(zip(seqs, picks, strict=True)):
+            if routing is not None:
+                seq.routing = seq.routing.merge(routing.sequences[row])
+            reason = self._finish_reason(seq, pick.token_id)
+            is_stop = reason == "stop"
+            if not is_stop:
+                seq.output.append(pick.token_id)
+                seq.next_token = pick.token_id
+                seq.position += 1
+                if seq.counts is not None:
+                    seq.counts[pick.token_id] += 1
+            event = TokenEvent(
+                request_id=seq.request_id,
+                token_id=None if is_stop else pick.token_id,
+                logprob=None if is_stop else pick.logprob,
+                top_logprobs=() if is_stop else pick.top_logprobs,
+                finish_reason=reason,
+                pool_version=seq.snapshot.version if seq.snapshot else 0,
+                routing=seq.routing if reason else None,
+                prompt_logprobs=prompt_logprobs[row],
+            )
+            self._deliver(seq, event)
+            if reason is not None:
+                finished.append(row)
+        if finished:
+            self._retire_rows(finished)
+
+    def _finish_reason(self, seq: _Sequence, token: int) -> str | None:
+        params = seq.params
+        if token in params.stop_token_ids or (
+            not params.ignore_eos and token in self.eos_token_ids
+        ):
+            return "stop"
+        if len(seq.output) + 1 >= params.max_tokens:
+            return "length"
+        if len(seq.prompt) + len(seq.output) + 1 >= self.max_context:
+            return "length"
+        return None
+
+    def _deliver(self, seq: _Sequence, event: TokenEvent) -> None:
+        try:
+            seq.on_event(event)
+        except Exception:  # a consumer's bug must not stop the other sequences
+            logger.exception("event callback of %s failed; aborting it", seq.request_id)
+            self._aborted.add(seq.request_id)
+
+    def _retire_rows(self, rows: list[int]) -> None:
+        gone = set(rows)
+        for row in rows:
+            seq = self._running[row]
+            if seq.snapshot is not None and self.pool is not None:
+                self.pool.release(seq.snapshot)
+        keep = [i for i in range(len(self._running)) if i not in gone]
+        self._running = [self._running[i] for i in keep]
+        if not keep:
+            self._cache, self._mask = None, None
+            return
+        index = torch.tensor(keep, device=self.device)
+        self._cache.select_rows(index)
+        self._mask = self._mask.index_select(0, index)
+        # Columns that are padding in every remaining row are dead weight for attention.
+        used = self._mask.any(dim=0).nonzero()
+        dead = int(used[0]) if used.numel() else 0
+        if dead:
+            self._cache.trim_left(dead)
+            self._mask = self._mask[:, dead:]
+
+    def _apply_aborts(self) -> None:
+        with self._wakeup:
+            aborted, self._aborted = self._aborted, set()
+            if not aborted:
+                return
+            waiting = [s for s in self._waiting if s.request_id in aborted]
+            self._waiting = collections.deque(
+                s for s in self._waiting if s.request_id not in aborted
+            )
+        for seq in waiting:
+            self._deliver(seq, self._abort_event(seq))
+        rows = [i for i, s in enumerate(self._running) if s.request_id in aborted]
+        for row in rows:
+            self._deliver(self._running[row], self._abort_event(self._running[row]))
+        if rows:
+            self._retire_rows(rows)
+
+    @staticmethod
+    def _abort_event(seq: _Sequence) -> TokenEvent:
+        version = seq.snapshot.version if seq.snapshot else 0
+        return TokenEvent(seq.request_id, None, None, (), "abort", version, seq.routing)
+
+    def _fail_all(self) -> None:
+        with self._wakeup:
+            seqs = list(self._waiting) + list(self._running)
+            self._waiting.clear()
+        for seq in seqs:
+            self._deliver(seq, self._abort_event(seq))
+        if self._running:
+            self._retire_rows(list(range(len(self._running))))
+        self._cache, self._mask = None, None
