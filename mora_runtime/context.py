@@ -26,7 +26,7 @@ class _Counters:
     observations: Tensor  # [S] long: (token, layer) pairs
     active: Tensor  # [S] long: active experts summed over those pairs
     slot_hits: Tensor  # [S, N] long: activations per slot
-    histograms: dict[str, Tensor]  # kind -> [K + 1] long
+    per_token: dict[tuple[str, int], tuple[Tensor, int]]  # (kind, T) -> ([T] sum, layers)
 
 
 class ForwardContext:
@@ -122,14 +122,11 @@ class ForwardContext:
         per_token = active.sum(dim=-1)  # [T]
         c.observations.index_add_(0, seq, counted)
         c.active.index_add_(0, seq, per_token)
-        k = routing.active.shape[1]
-        hist = c.histograms.get(kind)
-        if hist is None or hist.numel() < k + 1:
-            grown = torch.zeros(k + 1, dtype=torch.long, device=device)
-            if hist is not None:
-                grown[: hist.numel()] += hist
-            hist = c.histograms[kind] = grown
-        hist += torch.bincount(per_token, weights=counted, minlength=hist.numel()).long()
+        # Per-token sums per module kind; keyed by token count too, since one forward may
+        # run towers over different token sets (CLIP's text and vision encoders).
+        key = (kind, per_token.shape[0])
+        total, layers = c.per_token.get(key, (None, 0))
+        c.per_token[key] = (per_token if total is None else total + per_token, layers + 1)
         rows = seq.unsqueeze(1).expand_as(routing.slots)  # [T, K]
         c.slot_hits.index_put_((rows, routing.slots), active.long(), accumulate=True)
 
@@ -140,13 +137,13 @@ class ForwardContext:
             observations=torch.zeros(s, dtype=torch.long, device=device),
             active=torch.zeros(s, dtype=torch.long, device=device),
             slot_hits=torch.zeros(s, num_slots, dtype=torch.long, device=device),
-            histograms={},
+            per_token={},
         )
         if old is not None:
             new.observations += old.observations
             new.active += old.active
             new.slot_hits[:, : old.slot_hits.shape[1]] += old.slot_hits
-            new.histograms = old.histograms
+            new.per_token = old.per_token
         self._counters = new
         return new
 
@@ -167,5 +164,10 @@ class ForwardContext:
                 if count:
                     per_set[entry.name] = count
             sequences.append(SequenceRouting(observations[i], active[i], per_set))
-        histograms = {kind: tuple(h.tolist()) for kind, h in c.histograms.items()}
-        return StepRouting(tuple(sequences), histograms)
+        per_kind: dict[str, list[float]] = {}
+        for (kind, _), (total, layers) in c.per_token.items():
+            means = total.double() / layers  # [T]
+            if self.valid_tokens is not None:
+                means = means[self.valid_tokens.to(means.device)]
+            per_kind.setdefault(kind, []).extend(means.tolist())
+        return StepRouting(tuple(sequences), {k: tuple(v) for k, v in per_kind.items()})

@@ -88,7 +88,7 @@ class Engine:
         pad_token_id: int = 0,
         pool: ExpertPool | None = None,
         config: EngineConfig | None = None,
-        on_step: Callable[[StepTiming, dict[str, tuple[int, ...]]], None] | None = None,
+        on_step: Callable[[StepTiming, dict[str, tuple[float, ...]]], None] | None = None,
     ) -> None:
         self.model = model
         self.pool = pool
@@ -205,13 +205,13 @@ class Engine:
             self._apply_aborts()
             admitted = self._admit()
             prefill_tokens = decode_tokens = 0
-            histograms: dict[str, tuple[int, ...]] = {}
+            per_token: dict[str, tuple[float, ...]] = {}
             if admitted:
-                histograms = self._prefill(admitted)
+                per_token = self._prefill(admitted)
                 prefill_tokens = sum(len(s.prompt) for s in admitted)
             elif self._running:
                 decode_tokens = len(self._running)
-                histograms = self._decode()
+                per_token = self._decode()
             if self.on_step is not None and (prefill_tokens or decode_tokens):
                 timing = StepTiming(
                     time.perf_counter() - started,
@@ -220,7 +220,7 @@ class Engine:
                     len(self._running),
                     len(self._waiting),
                 )
-                self.on_step(timing, histograms)
+                self.on_step(timing, per_token)
 
     def _admit(self) -> list[_Sequence]:
         admitted: list[_Sequence] = []
@@ -276,7 +276,7 @@ class Engine:
             return None
         return [default if v is None else v for v in values]
 
-    def _prefill(self, seqs: list[_Sequence]) -> dict[str, tuple[int, ...]]:
+    def _prefill(self, seqs: list[_Sequence]) -> dict[str, tuple[float, ...]]:
         lengths = [len(s.prompt) for s in seqs]
         width = max(lengths)
         ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)  # [n, P]
@@ -306,7 +306,7 @@ class Engine:
             seq.position = length
         self._merge(seqs, cache, mask)
         self._emit_step(seqs, logits[:, -1].float(), routing, prompt_logprobs)
-        return routing.histograms if routing is not None else {}
+        return routing.per_token if routing is not None else {}
 
     def _prompt_logprobs(self, seq: _Sequence, logits: Tensor, width: int):
         if seq.params.prompt_logprobs is None:
@@ -332,7 +332,7 @@ class Engine:
         self._cache, self._mask = merged, torch.cat([old_mask, new_mask])
         self._running = self._running + list(seqs)
 
-    def _decode(self) -> dict[str, tuple[int, ...]]:
+    def _decode(self) -> dict[str, tuple[float, ...]]:
         seqs = self._running
         ids = torch.tensor([[s.next_token] for s in seqs], device=self.device)  # [S, 1]
         positions = torch.tensor([[s.position] for s in seqs], device=self.device)  # [S, 1]
@@ -342,7 +342,7 @@ class Engine:
             seqs, ids, self._mask, positions, cache=self._cache, all_logits=False, valid=None
         )
         self._emit_step(seqs, logits[:, -1].float(), routing, [None] * len(seqs))
-        return routing.histograms if routing is not None else {}
+        return routing.per_token if routing is not None else {}
 
     def _emit_step(self, seqs, logits: Tensor, routing, prompt_logprobs) -> None:
         """Sample one token per sequence, send the events, and retire finished rows."""

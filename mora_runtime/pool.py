@@ -219,6 +219,17 @@ class ExpertPool:
             self._reclaim()
             return snap
 
+    def set_version(self, version: int) -> PoolSnapshot:
+        """Renumber the current state (versions only grow). Replicas use this to report the
+        version of the cluster-wide registry instead of their local count of mutations."""
+        with self._lock:
+            if version < self._version:
+                raise PoolError(f"version {version} is older than the pool's {self._version}")
+            if version > self._version:
+                self._version = version - 1
+                self._publish()
+            return self._latest
+
     def reserve(self, extra_slots: int) -> None:
         """Grow the buffers ahead of time so that a later `add_set` need not allocate."""
         with self._lock:

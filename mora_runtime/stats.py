@@ -45,14 +45,15 @@ class SequenceRouting:
 
 @dataclass(frozen=True)
 class StepRouting:
-    """Routing of one forward pass: per sequence, plus a histogram per module kind.
+    """Routing of one forward pass: per sequence, plus per-token means per module kind.
 
-    `histograms[kind][n]` counts (token, layer) pairs of that module kind (e.g. "q_proj")
-    with exactly n active experts.
+    `per_token[kind]` holds, for every (non-padding) token of the forward, the mean number of
+    active experts over the layers of that module kind (e.g. "q_proj"): the distribution
+    operators watch as ranks activated per token.
     """
 
     sequences: tuple[SequenceRouting, ...]
-    histograms: Mapping[str, tuple[int, ...]]
+    per_token: Mapping[str, tuple[float, ...]]
 
     def total(self) -> SequenceRouting:
         out = SequenceRouting()

@@ -198,8 +198,11 @@ def test_per_sequence_routing_overrides_and_stats():
     assert 0 < narrow.mean_active_ranks <= 2
     assert narrow.mean_active_ranks < wide.mean_active_ranks <= 8
     assert set(wide.set_activations) <= {"a", "b"} and sum(wide.set_activations.values()) > 0
-    assert sum(sum(h) for h in stats.histograms.values()) == 2 * layers * x.shape[1]
-    assert set(stats.histograms) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert set(stats.per_token) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    q_means = stats.per_token["q_proj"]  # one mean over the q_proj layers per token
+    assert len(q_means) == 2 * x.shape[1] and all(0 <= m <= 8 for m in q_means)
+    total = sum(sum(v) * (layers // 4) for v in stats.per_token.values())
+    assert total == pytest.approx(narrow.active_ranks + wide.active_ranks)
 
 
 def test_pool_growth_retire_and_slot_reuse():
