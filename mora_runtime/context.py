@@ -56,6 +56,7 @@ class ForwardContext:
         self._masks: dict[tuple[int, torch.device], Tensor] = {}
         self._settings: dict[tuple[str, torch.device], Tensor] = {}
         self._seq_cache: dict[tuple[int, int], Tensor] = {}
+        self._full: dict[tuple[int, str], bool] = {}
         self._counters: _Counters | None = None
 
     @property
@@ -71,6 +72,13 @@ class ForwardContext:
         if key not in self._masks:
             self._masks[key] = torch.stack([s.mask(num_slots, device) for s in self.snapshots])
         return self._masks[key]
+
+    def sees_all(self, num_slots: int) -> bool:
+        """True when every sequence sees every slot in [0, N): no mask is needed."""
+        key = (num_slots, "all")
+        if key not in self._full:
+            self._full[key] = all(s.slots == tuple(range(num_slots)) for s in self.snapshots)
+        return self._full[key]
 
     def tokens_to_seq(self, num_tokens: int, batch_rows: int, device: torch.device) -> Tensor:
         """[T] long: the sequence of every flattened token."""

@@ -112,8 +112,13 @@ class MoRALinear(nn.Module):
         batch_rows = x.shape[0] if x.ndim > 2 else 1
         device = x2.device
         seq = ctx.tokens_to_seq(num_tokens, batch_rows, device)  # [T]
-        masks = ctx.seq_masks(num_slots, device)  # [S, N]
-        token_mask = masks if masks.shape[0] == 1 else masks[seq]  # [1|T, N]
+        token_mask = None  # [1|T, N] bool, None when every token sees every slot
+        if not ctx.sees_all(num_slots):
+            masks = ctx.seq_masks(num_slots, device)  # [S, N]
+            token_mask = masks if masks.shape[0] == 1 else masks[seq]
+        if layer.absent_slots:
+            present = layer.present[:num_slots].unsqueeze(0)  # [1, N]
+            token_mask = present if token_mask is None else token_mask & present
         top_k = ctx.per_seq_setting("top_k", device, torch.long)  # [S] | None
         threshold = ctx.per_seq_setting("threshold", device, x2.dtype)  # [S] | None
         if top_k is not None:

@@ -88,6 +88,10 @@ class PoolLayer:
         self.out_features = out_features
         self.A = torch.zeros(capacity, in_features, device=device, dtype=dtype)  # [C, D]
         self.B = torch.zeros(capacity, out_features, device=device, dtype=dtype)  # [C, O]
+        # [C] bool: slots whose set adapts this layer (a set may skip some layers, e.g. a
+        # PEFT adapter on q/v only); absent slots are hidden here, not scored as zeros.
+        self.present = torch.zeros(capacity, dtype=torch.bool, device=device)
+        self.absent_slots = 0
 
     def grow(self, capacity: int) -> None:
         old = self.A.shape[0]
@@ -95,11 +99,14 @@ class PoolLayer:
         B = self.B.new_zeros(capacity, self.out_features)
         A[:old] = self.A
         B[:old] = self.B
-        self.A, self.B = A, B
+        present = self.present.new_zeros(capacity)
+        present[:old] = self.present
+        self.A, self.B, self.present = A, B, present
 
     def to(self, device, dtype) -> None:
         self.A = self.A.to(device=device, dtype=dtype)
         self.B = self.B.to(device=device, dtype=dtype)
+        self.present = self.present.to(device=device)
 
 
 class ExpertPool:
@@ -192,6 +199,8 @@ class ExpertPool:
     ) -> PoolSnapshot:
         """Append an expert set (module path -> (A [r, D], B [r, O])); returns the new version.
 
+        The set may adapt a subset of the pool's layers; it is absent from the others.
+
         Validates everything first: on any error the pool is unchanged.
         """
         with self._lock:
@@ -200,9 +209,13 @@ class ExpertPool:
             rank = self._check_tensors(name, tensors)
             start = self._allocate(rank)
             for path, layer in self.layers.items():
+                if path not in tensors:
+                    layer.absent_slots += rank
+                    continue
                 A, B = tensors[path]
                 layer.A[start : start + rank] = A.to(device=self.device, dtype=self.dtype)
                 layer.B[start : start + rank] = B.to(device=self.device, dtype=self.dtype)
+                layer.present[start : start + rank] = True
             self._slot_scale[start : start + rank] = scale
             entry = ExpertSetEntry(name, start, rank, float(scale), self._version + 1, meta or {})
             self._sets[name] = entry
@@ -246,10 +259,9 @@ class ExpertPool:
 
     # ------------------------------------------------------------------ internals
     def _check_tensors(self, name: str, tensors: Mapping[str, tuple[Tensor, Tensor]]) -> int:
-        missing = sorted(set(self.layers) - set(tensors))
         extra = sorted(set(tensors) - set(self.layers))
-        if missing or extra:
-            raise PoolError(f"expert set {name!r}: missing layers {missing}, unknown {extra}")
+        if extra or not tensors:
+            raise PoolError(f"expert set {name!r}: no layer, or layers the pool lacks: {extra}")
         ranks = set()
         for path, (A, B) in tensors.items():
             layer = self.layers[path]
@@ -303,8 +315,12 @@ class ExpertPool:
         for retired_at, entry in self._retired:
             if oldest_live >= retired_at:
                 for layer in self.layers.values():
-                    layer.A[entry.slots.start : entry.slots.stop] = 0
-                    layer.B[entry.slots.start : entry.slots.stop] = 0
+                    span = slice(entry.slots.start, entry.slots.stop)
+                    if not bool(layer.present[span].all()):
+                        layer.absent_slots -= entry.rank
+                    layer.A[span] = 0
+                    layer.B[span] = 0
+                    layer.present[span] = False
                 self._slot_scale[entry.slots.start : entry.slots.stop] = 0
                 self._free.append((entry.slot_start, entry.rank))
             else:

@@ -20,6 +20,7 @@ from transformers import (
 )
 
 from mora_runtime.context import ForwardContext
+from mora_runtime.experts import mora_delta
 from mora_runtime.patching import (
     MoRALinear,
     find_target_modules,
@@ -236,7 +237,8 @@ def test_bad_sets_leave_pool_unchanged():
     version, slots = pool.version, pool.num_slots
     path = next(iter(good))
     bad_cases = {
-        "missing layer": {p: t for p, t in good.items() if p != path},
+        "unknown layer": {**good, "model.nope": good[path]},
+        "no layer": {},
         "wrong width": {**good, path: (torch.zeros(4, 3), good[path][1])},
         "nan": {**good, path: (good[path][0] * float("nan"), good[path][1])},
         "ragged rank": {**good, path: (good[path][0][:2], good[path][1][:2])},
@@ -249,3 +251,25 @@ def test_bad_sets_leave_pool_unchanged():
     with pytest.raises(PoolError, match="not loaded"):
         pool.retire_set("ghost")
     assert (pool.version, pool.num_slots, [e.name for e in pool.sets()]) == (version, slots, ["ok"])
+
+
+def test_partial_set_is_absent_from_layers_it_skips():
+    # A set on q_proj only must act, in every other layer, as if it did not exist there.
+    model = build(tiny_llama)
+    pool = patch_model(model, routing=RoutingConfig(top_k=4, tau=0.1, threshold=0.05))
+    full = random_set(pool, 8, seed=14)
+    q_only = {p: t for p, t in random_set(pool, 8, seed=15).items() if p.endswith("q_proj")}
+    pool.add_set("full", full)
+    pool.add_set("q", q_only)
+    hidden = torch.randn(1, 5, 64)
+    kw = dict(top_k=4, tau=0.1, threshold=0.05)
+    q_path, k_path = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"
+    with torch.no_grad():
+        for path, experts in [(k_path, [full]), (q_path, [full, q_only])]:
+            layer = model.get_submodule(path)
+            A = torch.cat([e[path][0] for e in experts])
+            B = torch.cat([e[path][1] for e in experts])
+            want = layer.base_layer(hidden) + mora_delta(hidden[0], A, B, **kw).unsqueeze(0)
+            torch.testing.assert_close(layer(hidden), want, rtol=1e-5, atol=1e-5)
+    pool.retire_set("q")
+    assert all(layer.absent_slots == 0 for layer in pool.layers.values())
