@@ -1,0 +1,80 @@
+"""`GET/POST/DELETE /v1/experts`: list, hot-load and retire expert sets (admin only).
+
+Every request needs `Authorization: Bearer <admin token>`; the token check comes before
+anything else so an unauthenticated caller learns nothing. Loading takes JSON
+`{"path": ..., "model": ...}` (a path inside the configured expert store) or a
+multipart/form-data upload (`file` part, optional `model` field). The admin's answers are
+returned as JSON as they are.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fastapi import APIRouter, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse
+from starlette.datastructures import UploadFile
+
+from serving.backend import ExpertAdmin
+from serving.errors import BadRequest, NotFound
+from serving.protocol import ExpertLoadRequest, parse_request
+
+if TYPE_CHECKING:
+    from serving.api import AppState
+
+MAX_NAME_CHARS = 200
+
+
+def router(state: AppState) -> APIRouter:
+    routes = APIRouter()
+
+    def admin(request: Request) -> ExpertAdmin:
+        state.require_admin(request)
+        if state.admin is None:
+            raise NotFound("Expert administration is not available on this server.")
+        return state.admin
+
+    @routes.get("/v1/experts", response_model=None)
+    async def list_sets(request: Request) -> JSONResponse:
+        return JSONResponse(jsonable_encoder(await admin(request).list_sets()))
+
+    @routes.post("/v1/experts", response_model=None)
+    async def load_set(request: Request) -> JSONResponse:
+        backend = admin(request)
+        path: str | None = None
+        upload: bytes | None = None
+        if state.media_type(request) == "multipart/form-data":
+            form = await request.form(max_files=1, max_fields=4)
+            part = form.get("file")
+            if not isinstance(part, UploadFile):
+                raise BadRequest("Upload the expert set as the `file` part.", param="file")
+            upload = await part.read()
+            model = form.get("model")
+            model = model if isinstance(model, str) and model else None
+        else:
+            req = parse_request(
+                ExpertLoadRequest, await state.read_json(request), state.settings.limits()
+            )
+            path, model = req.path, req.model
+        if model is not None and model not in state.model_names:
+            raise NotFound(
+                f"The model `{model}` is not served here.", param="model", code="model_not_found"
+            )
+        return JSONResponse(jsonable_encoder(await backend.load_set(path, upload, model)))
+
+    async def retire(request: Request, name: str) -> JSONResponse:
+        backend = admin(request)
+        if not name or len(name) > MAX_NAME_CHARS:
+            raise BadRequest("Give the name of a loaded expert set.", param="name")
+        return JSONResponse(jsonable_encoder(await backend.retire_set(name)))
+
+    @routes.delete("/v1/experts/{name}", response_model=None)
+    async def retire_by_path(request: Request, name: str) -> JSONResponse:
+        return await retire(request, name)
+
+    @routes.delete("/v1/experts", response_model=None)
+    async def retire_by_query(request: Request) -> JSONResponse:
+        return await retire(request, request.query_params.get("name", ""))
+
+    return routes
