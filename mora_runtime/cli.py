@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import inspect
 import logging
 import sys
 import time
@@ -25,7 +24,6 @@ logger = logging.getLogger(__name__)
 # Adds one or more subcommands to the top-level subparsers (the `register(subparsers)` hook).
 Registrar = Callable[[Any], None]
 
-CLIP_DEFAULT_MODULE = "mora_runtime.clip_default"
 PEFT_IMPORT_MODULE = "mora_runtime.peft_import"
 MODEL_KINDS = ("causal_lm", "clip")
 
@@ -118,40 +116,29 @@ def _register_models(subparsers: Any) -> None:
     path.set_defaults(handler=_cmd_models_path)
 
 
-def prepare_models(force: bool = False) -> dict[str, Path | None]:
-    """Prepare every default model available; returns `{name: dir or None when skipped}`.
-
-    The CLIP default is optional until `mora_runtime.clip_default` exists.
-    """
+def prepare_models(
+    force: bool = False, *, lm: bool = True, clip: bool = True
+) -> dict[str, Path | None]:
+    """Prepare the default models asked for; returns `{name: dir}`."""
+    from mora_runtime.clip_default import prepare_default_clip
     from mora_runtime.lm import default_lm_is_prepared, prepare_default_lm
 
     prepared: dict[str, Path | None] = {}
-    if force or not default_lm_is_prepared():
-        print(
-            f"causal LM: converting the bundled SmolLM2-135M-Instruct GGUF into "
-            f"{default_lm_dir()} (once, ~20-30 s) ...",
-            flush=True,
-        )
+    if lm:
+        if force or not default_lm_is_prepared():
+            print(
+                f"causal LM: converting the bundled SmolLM2-135M-Instruct GGUF into "
+                f"{default_lm_dir()} (once, ~20-30 s) ...",
+                flush=True,
+            )
         start = time.perf_counter()
         prepared["lm"] = prepare_default_lm(force=force)
         print(f"causal LM: ready at {prepared['lm']} ({time.perf_counter() - start:.1f} s)")
-    else:
-        prepared["lm"] = prepare_default_lm()
-        print(f"causal LM: ready at {prepared['lm']} (already prepared)")
-
-    if importlib.util.find_spec(CLIP_DEFAULT_MODULE) is None:
-        print(f"CLIP: skipped ({CLIP_DEFAULT_MODULE} is not available in this version)")
-        prepared["clip"] = None
-        return prepared
-    prepare_default_clip = importlib.import_module(CLIP_DEFAULT_MODULE).prepare_default_clip
-    print(f"CLIP: preparing the default CLIP in {default_clip_dir()} ...", flush=True)
-    start = time.perf_counter()
-    if "force" in inspect.signature(prepare_default_clip).parameters:
-        result = prepare_default_clip(force=force)
-    else:
-        result = prepare_default_clip()
-    prepared["clip"] = Path(result) if result is not None else default_clip_dir()
-    print(f"CLIP: ready at {prepared['clip']} ({time.perf_counter() - start:.1f} s)")
+    if clip:
+        print(f"CLIP: default CLIP in {default_clip_dir()} (trained once at set-up) ...")
+        start = time.perf_counter()
+        prepared["clip"] = Path(prepare_default_clip(force=force))
+        print(f"CLIP: ready at {prepared['clip']} ({time.perf_counter() - start:.1f} s)")
     return prepared
 
 

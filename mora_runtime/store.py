@@ -576,6 +576,18 @@ def _read_meta(directory: Path, limits: StoreLimits) -> ExpertSetMeta:
         raise MalformedMetadataError(f"{path}: {e}") from None
 
 
+def read_metadata(
+    directory: str | os.PathLike[str],
+    *,
+    store_root: str | os.PathLike[str] | None = None,
+    limits: StoreLimits = StoreLimits(),
+) -> ExpertSetMeta:
+    """Validate the directory and read only the JSON (cheap: no tensor is touched)."""
+    directory = Path(directory)
+    _check_directory(directory, Path(store_root) if store_root is not None else None)
+    return _read_meta(directory, limits)
+
+
 def load_expert_set(
     directory: str | os.PathLike[str],
     *,

@@ -3,26 +3,19 @@
 Dependency direction: this module imports `mora_runtime.cli` and extends its parser; the
 runtime never imports `serving`.
 
-`serve` prepares the default models, then hands over to the server entry point
-`serving.deployments.run(config_path: Path | None) -> int`. Until that entry point exists it
-says what is missing and exits with code 2.
+`serve` prepares the bundled default models the config uses, then runs the server
+(`serving.launcher.run`) until Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from mora_runtime.cli import CLIError, build_parser, prepare_models, run
-
-SERVE_MODULE = "serving.deployments"
-SERVE_ENTRY = "run"
-EXIT_NOT_AVAILABLE = 2
 
 
 def register(subparsers: Any) -> None:
@@ -37,22 +30,16 @@ def register(subparsers: Any) -> None:
 def _cmd_serve(args: argparse.Namespace) -> int:
     if args.config is not None and not args.config.is_file():
         raise CLIError(f"config file {args.config} does not exist")
-    prepare_models()
-    entry = _serve_entry()
-    if entry is None:
-        print(
-            f"serve: the server is not available in this version yet "
-            f"(missing {SERVE_MODULE}.{SERVE_ENTRY}); the models above are prepared.",
-            file=sys.stderr,
-        )
-        return EXIT_NOT_AVAILABLE
-    return int(entry(args.config))
+    from .config import load_config
+    from .launcher import run as serve
 
-
-def _serve_entry() -> Any:
-    if importlib.util.find_spec(SERVE_MODULE) is None:
-        return None
-    return getattr(importlib.import_module(SERVE_MODULE), SERVE_ENTRY, None)
+    cfg = load_config(args.config)
+    # Only the bundled defaults the config actually serves need preparing.
+    prepare_models(
+        lm=cfg.lm.enabled and cfg.lm.model_dir is None,
+        clip=cfg.clip.enabled and cfg.clip.model_dir is None,
+    )
+    return serve(args.config)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

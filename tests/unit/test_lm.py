@@ -265,27 +265,6 @@ def test_models_path_prints_the_cache_dir(
     assert printed.is_relative_to(tmp_path)
 
 
-def test_models_prepare_without_clip_module(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
-) -> None:
-    monkeypatch.setenv("MORA_CACHE", str(tmp_path))
-    calls: list[bool] = []
-    monkeypatch.setattr(lm_module, "default_lm_is_prepared", lambda: False)
-    monkeypatch.setattr(lm_module, "prepare_default_lm", lambda force=False: calls.append(force))
-    real_find_spec = importlib.util.find_spec
-
-    def find_spec(name: str, package: str | None = None) -> Any:
-        return None if name == "mora_runtime.clip_default" else real_find_spec(name, package)
-
-    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
-    assert runtime_main(["models", "prepare", "--force"]) == 0
-    out = capsys.readouterr().out
-    assert calls == [True]
-    assert "causal LM: converting" in out
-    assert "causal LM: ready" in out
-    assert "CLIP: skipped" in out
-
-
 def test_models_prepare_calls_the_clip_default_when_present(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
@@ -300,7 +279,7 @@ def test_models_prepare_calls_the_clip_default_when_present(
     assert mora_main(["models", "prepare"]) == 0
     assert clip_calls == [False]
     out = capsys.readouterr().out
-    assert f"causal LM: ready at {tmp_path} (already prepared)" in out
+    assert f"causal LM: ready at {tmp_path}" in out
     assert f"CLIP: ready at {tmp_path / 'clip'}" in out
 
 
@@ -410,17 +389,23 @@ def test_import_peft_reports_converter_errors(
     assert "Traceback" not in err
 
 
-def test_serve_without_the_server_exits_2(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+def test_serve_prepares_only_the_defaults_its_config_uses(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     import serving.cli
+    import serving.launcher
 
-    prepared: list[bool] = []
-    monkeypatch.setattr(serving.cli, "prepare_models", lambda: prepared.append(True))
-    monkeypatch.setattr(serving.cli, "_serve_entry", lambda: None)
-    assert mora_main(["serve"]) == 2
-    assert prepared == [True]
-    assert "missing serving.deployments.run" in capsys.readouterr().err
+    prepared: list[dict[str, bool]] = []
+    served: list[Path | None] = []
+    monkeypatch.setattr(serving.cli, "prepare_models", lambda **kw: prepared.append(kw))
+    monkeypatch.setattr(serving.launcher, "run", lambda path: served.append(path) or 0)
+    config = tmp_path / "serve.yaml"
+    config.write_text("clip: {enabled: false}\nlm: {model_dir: /somewhere}\n")
+    assert mora_main(["serve", "--config", str(config)]) == 0
+    assert prepared == [{"lm": False, "clip": False}]
+    assert served == [config]
+    assert mora_main(["serve"]) == 0
+    assert prepared[-1] == {"lm": True, "clip": True} and served[-1] is None
 
 
 def test_serve_with_missing_config_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

@@ -1,0 +1,113 @@
+"""Typed server configuration: defaults that run offline, a Serve-style YAML, env overrides.
+
+The YAML is Ray Serve's own config format (`serve run` / `serve deploy` accept it): the
+MoRA settings are the `args` of the application whose `import_path` is
+`serving.deployments:build_app`, and `http_options` gives host and port.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+ADMIN_TOKEN_ENV = "MORA_ADMIN_TOKEN"
+API_TOKEN_ENV = "MORA_API_TOKEN"
+STORE_ENV = "MORA_EXPERT_STORE"
+APP_NAME = "mora"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RoutingSettings(_Strict):
+    top_k: int = Field(8, ge=1)
+    tau: float = Field(0.03, gt=0)
+    threshold: float = 0.2
+    max_top_k: int = Field(64, ge=1)  # ceiling for per-request overrides
+
+
+class LMSettings(_Strict):
+    enabled: bool = True
+    model_dir: str | None = None  # None: the bundled SmolLM2-135M-Instruct
+    served_name: str = "smollm2-135m-instruct"
+    replicas: int = Field(1, ge=1)
+    targets: list[str] | None = None  # None: q/k/v/o (Llama family) or the family's preset
+    pool_capacity: int = Field(256, ge=1)
+    max_running: int = Field(32, ge=1)
+    max_waiting: int = Field(64, ge=1)
+    max_ongoing_requests: int = Field(96, ge=1)
+    max_queued_requests: int = Field(64, ge=-1)
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    routing: RoutingSettings = RoutingSettings()
+
+
+class ClipSettings(_Strict):
+    enabled: bool = True
+    model_dir: str | None = None  # None: the default CLIP trained at set-up
+    served_name: str = "clip-default"
+    replicas: int = Field(1, ge=1)
+    pool_capacity: int = Field(256, ge=1)
+    max_batch_size: int = Field(16, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    num_cpus: float = Field(0.5, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    routing: RoutingSettings = RoutingSettings(top_k=16, tau=0.01, threshold=0.2)
+
+
+class LimitSettings(_Strict):
+    max_n: int = Field(8, ge=1)
+    max_images: int = Field(16, ge=1)
+    max_labels: int = Field(512, ge=1)
+    max_image_pixels: int = Field(4096 * 4096, ge=1)
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    request_timeout_s: float = Field(300.0, gt=0)
+
+
+class ServerConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    metrics_port: int = 8080
+    expert_store: str = "experts"
+    admin_token: str | None = None  # else $MORA_ADMIN_TOKEN
+    api_token: str | None = None  # else $MORA_API_TOKEN
+    lm: LMSettings = LMSettings()
+    clip: ClipSettings = ClipSettings()
+    limits: LimitSettings = LimitSettings()
+
+    def resolved(self) -> ServerConfig:
+        """Fill secrets and the store from the environment; make the store path absolute."""
+        store = os.environ.get(STORE_ENV) or self.expert_store
+        return self.model_copy(
+            update={
+                "admin_token": self.admin_token or os.environ.get(ADMIN_TOKEN_ENV) or None,
+                "api_token": self.api_token or os.environ.get(API_TOKEN_ENV) or None,
+                "expert_store": str(Path(store).expanduser().resolve()),
+            }
+        )
+
+
+def load_config(path: str | Path | None) -> ServerConfig:
+    """Read a Serve-style YAML (or a bare MoRA config mapping); None gives the defaults."""
+    if path is None:
+        return ServerConfig().resolved()
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    return config_from_mapping(data).resolved()
+
+
+def config_from_mapping(data: dict[str, Any]) -> ServerConfig:
+    if "applications" not in data:
+        return ServerConfig.model_validate(data)
+    apps = [a for a in data["applications"] if a.get("name", APP_NAME) == APP_NAME]
+    if len(apps) != 1:
+        raise ValueError(f"expected exactly one application named {APP_NAME!r}")
+    args = dict(apps[0].get("args") or {})
+    http = data.get("http_options") or {}
+    args.setdefault("host", http.get("host", "127.0.0.1"))
+    args.setdefault("port", http.get("port", 8000))
+    return ServerConfig.model_validate(args)

@@ -1,0 +1,251 @@
+"""Ray Serve deployments: the LM and CLIP model servers, the HTTP ingress, `build_app`.
+
+`build_app(args)` is the `import_path` target of deploy/serve.yaml, so `serve run` /
+`serve deploy` and `mora serve` start the same application.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from mora_runtime.engine import Engine, EngineConfig, EngineOverloaded, TokenEvent
+from mora_runtime.pool import RoutingConfig
+from mora_runtime.sampling import SamplingParams
+
+from .backend import ClassifyResult
+from .config import ServerConfig
+from .hotload import ReplicaPool
+from .metrics import server_metrics
+from .registry import registry_actor
+
+logger = logging.getLogger(__name__)
+
+RECONCILE_INTERVAL_S = 2.0  # also refreshes gauges (Ray drops a gauge not set for ~20 s)
+
+
+def _routing(settings) -> RoutingConfig:
+    return RoutingConfig(settings.top_k, settings.tau, settings.threshold)
+
+
+class _ReplicaBase:
+    """What the LM and CLIP servers share: the pool's replica side and background sync."""
+
+    model_name: str
+    replica: ReplicaPool
+
+    async def _start_sync(self, store: str) -> None:
+        self.registry = registry_actor(store)
+        await self.replica.reconcile(await self.registry.state.remote())
+        self._sync_task = asyncio.get_running_loop().create_task(self._sync_forever())
+
+    async def _sync_forever(self) -> None:
+        while True:
+            try:
+                await self.replica.reconcile(await self.registry.state.remote())
+            except Exception:  # the next round retries; serving goes on with the old pool
+                logger.exception("reconciling with the registry failed")
+            self._refresh_gauges()
+            await asyncio.sleep(RECONCILE_INTERVAL_S)
+
+    def _refresh_gauges(self) -> None:
+        pool = self.replica.pool
+        server_metrics().set_pool(self.model_name, pool.num_experts, pool.version)
+
+    # hot-load protocol, called by the ingress through handle.broadcast
+    async def prepare(self, op: dict[str, Any]) -> dict[str, Any]:
+        return await self.replica.prepare(op)
+
+    async def commit(self, op: dict[str, Any], version: int) -> dict[str, Any]:
+        result = await self.replica.commit(op, version)
+        self._refresh_gauges()
+        return result
+
+    async def abort(self, op_id: str) -> dict[str, Any]:
+        return await self.replica.abort(op_id)
+
+    async def describe_pool(self) -> dict[str, Any]:
+        return {**self.replica.describe(), "activations": dict(self.activations)}
+
+
+@serve.deployment(name="LMServer")
+class LMServer(_ReplicaBase):
+    """One causal LM, its expert pool, and the continuous-batching engine."""
+
+    async def __init__(self, config: dict[str, Any]) -> None:
+        from mora_runtime.lm import load_causal_lm
+        from mora_runtime.patching import patch_model
+
+        cfg = ServerConfig.model_validate(config)
+        self.model_name = cfg.lm.served_name
+        lm = await asyncio.to_thread(load_causal_lm, cfg.lm.model_dir)
+        pool = patch_model(
+            lm.model,
+            cfg.lm.targets,
+            capacity=cfg.lm.pool_capacity,
+            routing=_routing(cfg.lm.routing),
+        )
+        self.metrics = server_metrics()
+        self.activations: collections.Counter[str] = collections.Counter()
+        self.engine = Engine(
+            lm.model,
+            eos_token_ids=lm.eos_token_ids,
+            max_context=lm.max_context,
+            pad_token_id=lm.tokenizer.pad_token_id or 0,
+            pool=pool,
+            config=EngineConfig(max_running=cfg.lm.max_running, max_waiting=cfg.lm.max_waiting),
+            on_step=self._on_step,
+        )
+        self.replica = ReplicaPool(
+            pool, lm.model, "causal_lm", cfg.expert_store, self.engine.run_exclusive
+        )
+        await self._start_sync(cfg.expert_store)
+        self.engine.start()
+        self.info = {"model_dir": str(lm.model_dir), "max_context": lm.max_context}
+        logger.info("LM replica %s ready: %s", self.replica.replica_id, lm.model_dir)
+
+    async def model_info(self) -> dict[str, Any]:
+        return self.info
+
+    def _on_step(self, timing, per_token) -> None:  # engine thread
+        self.metrics.observe_routing(self.model_name, per_token)
+        self.metrics.set_queue(self.model_name, timing.running, timing.waiting)
+
+    def _refresh_gauges(self) -> None:
+        super()._refresh_gauges()
+        self.metrics.set_queue(self.model_name, self.engine.num_running, self.engine.num_waiting)
+
+    async def generate(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[TokenEvent | dict[str, Any]]:
+        """Stream the request's events. Errors the client caused come back as one
+        `{"error": kind, "message": ...}` item, so they cross Ray without a traceback."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+
+        def on_event(event: TokenEvent) -> None:  # engine thread
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+
+        try:
+            self.engine.submit(prompt_ids, params, on_event, request_id)
+        except EngineOverloaded as exc:
+            yield {"error": "overloaded", "message": str(exc)}
+            return
+        except ValueError as exc:
+            yield {"error": "bad_request", "message": str(exc)}
+            return
+        finished = False
+        try:
+            while not finished:
+                event = await queue.get()
+                finished = event.finish_reason is not None
+                if finished and event.routing is not None:
+                    self.activations.update(event.routing.set_activations)
+                yield event
+        finally:
+            if not finished:  # client went away (CancelledError) or the stream was closed
+                self.engine.abort(request_id)
+
+    async def check_health(self) -> None:
+        if self.engine._thread is None or not self.engine._thread.is_alive():
+            raise RuntimeError("the engine thread is not running")
+
+
+@serve.deployment(name="ClipServer")
+class ClipServer(_ReplicaBase):
+    """CLIP zero-shot classification with the pool on both towers; requests are batched."""
+
+    async def __init__(self, config: dict[str, Any]) -> None:
+        from mora_runtime.clip import ClipClassifier
+        from mora_runtime.clip_default import load_clip
+
+        cfg = ServerConfig.model_validate(config)
+        self.model_name = cfg.clip.served_name
+        loaded = await asyncio.to_thread(load_clip, cfg.clip.model_dir)
+        self.classifier = ClipClassifier(loaded)
+        pool = self.classifier.patch(_routing(cfg.clip.routing), capacity=cfg.clip.pool_capacity)
+        self.base_labels = tuple(loaded.base_labels)
+        self.activations: collections.Counter[str] = collections.Counter()
+        # Forward passes and pool mutations take turns (mutations run between batches).
+        self._forward_lock = threading.Lock()
+        self.replica = ReplicaPool(pool, loaded.model, "clip", cfg.expert_store, self._exclusive)
+        self._classify_batch.set_max_batch_size(cfg.clip.max_batch_size)
+        self._classify_batch.set_batch_wait_timeout_s(cfg.clip.batch_wait_timeout_s)
+        await self._start_sync(cfg.expert_store)
+
+    def _exclusive(self, fn):
+        with self._forward_lock:
+            return fn()
+
+    def default_labels(self) -> list[str]:
+        labels = list(self.base_labels)
+        for entry in self.replica.pool.sets():
+            labels.extend(str(n) for n in entry.meta.get("class_names", ()))
+        return list(dict.fromkeys(labels))
+
+    async def classify(self, images: list, labels: list[str] | None, mora: Any) -> ClassifyResult:
+        return await self._classify_batch((images, labels, mora))
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _classify_batch(self, requests: list[tuple]) -> list[ClassifyResult]:
+        return await asyncio.to_thread(self._run_batch, requests)
+
+    def _run_batch(self, requests: list[tuple]) -> list[ClassifyResult]:
+        with self._forward_lock:
+            pool = self.replica.pool
+            snapshot = pool.acquire()  # one version for the whole batch
+            try:
+                return [
+                    self._one(images, labels, mora, snapshot) for images, labels, mora in requests
+                ]
+            finally:
+                pool.release(snapshot)
+
+    def _one(self, images, labels, mora, snapshot) -> ClassifyResult:
+        labels = list(labels) if labels else self.default_labels()
+        out = self.classifier.classify(
+            images,
+            labels,
+            snapshot=snapshot,
+            top_k=getattr(mora, "top_k", None),
+            threshold=getattr(mora, "threshold", None),
+        )
+        routing = out.routing
+        self.activations.update(routing.set_activations)
+        probabilities = out.logits.softmax(dim=-1).tolist()  # [images, labels], label order
+        return ClassifyResult(
+            labels=tuple(labels),
+            probabilities=tuple(tuple(row) for row in probabilities),
+            pool_version=out.pool_version,
+            routing=routing,
+        )
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """The whole application (ingress + model deployments) from a config mapping."""
+    from .ingress import MoraIngress
+
+    cfg = ServerConfig.model_validate(args).resolved()
+    config = cfg.model_dump()
+    lm = clip = None
+    if cfg.lm.enabled:
+        lm = LMServer.options(
+            num_replicas=cfg.lm.replicas,
+            max_ongoing_requests=cfg.lm.max_ongoing_requests,
+            max_queued_requests=cfg.lm.max_queued_requests,
+            ray_actor_options={"num_cpus": cfg.lm.num_cpus, "num_gpus": cfg.lm.num_gpus},
+        ).bind(config)
+    if cfg.clip.enabled:
+        clip = ClipServer.options(
+            num_replicas=cfg.clip.replicas,
+            max_ongoing_requests=max(64, 4 * cfg.clip.max_batch_size),
+            ray_actor_options={"num_cpus": cfg.clip.num_cpus, "num_gpus": cfg.clip.num_gpus},
+        ).bind(config)
+    return MoraIngress.bind(config, lm, clip)
