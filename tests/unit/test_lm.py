@@ -15,7 +15,6 @@ import torch
 
 from mora_runtime import lm as lm_module
 from mora_runtime import paths
-from mora_runtime.cli import main as runtime_main
 from mora_runtime.lm import (
     MARKER_FILENAME,
     LoadedLM,
