@@ -317,7 +317,10 @@ def base_fingerprint(model: torch.nn.Module, modules: ModuleShapes) -> dict[str,
     if first is not None:
         digest.update(_weight_sample(first))
     for path in shapes:
-        weight = getattr(model.get_submodule(path), "weight", None)
+        module = model.get_submodule(path)
+        # A patched layer keeps the frozen original as `base_layer` (mora_runtime.patching).
+        module = getattr(module, "base_layer", module)
+        weight = getattr(module, "weight", None)
         if not isinstance(weight, Tensor):
             raise ValueError(f"module {path!r} has no weight tensor to fingerprint")
         digest.update(path.encode() + b"\0" + _weight_sample(weight))

@@ -49,7 +49,12 @@ def run(config_path: Path | None) -> int:
     cfg = load_config(config_path)
     if cfg.admin_token is None:
         logger.warning("MORA_ADMIN_TOKEN is not set: /v1/experts refuses every request (401)")
-    start(cfg)
+    try:
+        start(cfg)
+    except Exception as exc:
+        logger.error("the application failed to start: %s", exc)
+        stop()
+        return 1
     base = f"http://{cfg.host}:{cfg.port}"
     print(
         f"MoRA Serve is up: {base}/v1/completions, {base}/classify, {base}/v1/experts\n"

@@ -18,7 +18,8 @@ from mora_runtime.stats import SequenceRouting
 
 ENDPOINTS = ("/v1/completions", "/v1/models", "/classify", "/v1/experts", "/health", "other")
 
-ACTIVE_RANK_BUCKETS = [0.0, 0.5, 1, 1.5, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 25, 32, 48, 64]
+# Ray needs positive boundaries: the first bucket (<= 0.1) holds the tokens with no expert.
+ACTIVE_RANK_BUCKETS = [0.1, 0.5, 1, 1.5, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 25, 32, 48, 64]
 TTFT_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 20, 60]
 ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1]
 LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300]

@@ -273,3 +273,13 @@ def test_partial_set_is_absent_from_layers_it_skips():
             torch.testing.assert_close(layer(hidden), want, rtol=1e-5, atol=1e-5)
     pool.retire_set("q")
     assert all(layer.absent_slots == 0 for layer in pool.layers.values())
+
+
+def test_fingerprint_is_the_same_patched_or_not():
+    from mora_runtime.store import base_fingerprint
+
+    model = build(tiny_llama)
+    modules = find_target_modules(model)
+    before = base_fingerprint(model, modules)
+    patch_model(model)
+    assert base_fingerprint(model, find_target_modules(model)) == before
