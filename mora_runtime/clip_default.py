@@ -1,0 +1,564 @@
+"""The default CLIP: a small `CLIPModel` trained once, offline, on the bundled base domain.
+
+No package ships pretrained CLIP weights, so setup builds one from a config (32x32 images,
+patch 4, two 4-layer towers of width 128), a word-level tokenizer over the vocabulary of every
+bundled domain, and a `CLIPImageProcessor` for 32x32 inputs, then trains it contrastively on
+the base domain only (learn/domains.py, "objects") and caches the result as an ordinary HF
+CLIP directory. The continual domains stay unseen, so they are what the expert pool learns.
+
+`load_clip` loads that directory, or any local HF CLIP directory: the same code path.
+Nothing here reaches a model hub (`local_files_only=True` everywhere).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import string
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from mora_runtime.learn import domains
+from mora_runtime.paths import default_clip_dir
+
+if TYPE_CHECKING:
+    from PIL import Image
+    from transformers import CLIPModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+logger = logging.getLogger(__name__)
+
+MARKER_FILENAME = ".mora_prepared.json"
+LABELS_FILENAME = "labels.json"
+PAD, UNK, BOS, EOS = "[PAD]", "[UNK]", "<|startoftext|>", "<|endoftext|>"
+# CLIP's text model treats eos_token_id == 2 as a legacy config (argmax pooling), so EOS is 3.
+_SPECIAL_TOKENS = (PAD, UNK, BOS, EOS)
+_EXTRA_WORDS = (
+    *string.ascii_lowercase,
+    *string.digits,
+    *".,:;!?'\"-()/&",
+    *("a", "an", "the", "of", "in", "on", "with", "and", "or", "photo", "picture", "image"),
+    *("drawing", "rendering", "scan", "close", "up"),
+)
+
+
+class ClipNotAvailableError(RuntimeError):
+    """A CLIP directory cannot be found or read: the user fixes the path, it is not a bug."""
+
+
+@dataclass(frozen=True)
+class ClipRecipe:
+    """Architecture and training of the default CLIP (the unit tests use a tiny one)."""
+
+    image_size: int = 32
+    patch_size: int = 4
+    hidden_size: int = 128
+    intermediate_size: int = 512
+    num_layers: int = 4
+    num_heads: int = 4
+    projection_dim: int = 128
+    max_text_length: int = 32
+    steps: int = 600
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_fraction: float = 0.05
+    train_draws: int = 8  # seeds of the base train split used as training data
+    seed: int = 0
+
+
+DEFAULT_RECIPE = ClipRecipe()
+# Names everything that shapes the cached weights: a cached model whose marker names another
+# recipe is rebuilt. Bump the number when the data or the training code changes.
+RECIPE_VERSION = "clip-default/1 " + " ".join(f"{k}={v}" for k, v in asdict(DEFAULT_RECIPE).items())
+
+
+@dataclass(frozen=True)
+class LoadedClip:
+    """A CLIP model ready for zero-shot classification: eval mode, frozen, on `device`."""
+
+    model: CLIPModel
+    tokenizer: PreTrainedTokenizerBase
+    image_processor: Any
+    base_labels: tuple[str, ...]
+    model_dir: Path
+    device: torch.device
+    dtype: torch.dtype = torch.float32
+    # label -> prompt template with "{}" (from labels.json); classify falls back beyond it.
+    label_templates: Mapping[str, str] = field(default_factory=dict)
+
+
+# --- building blocks ------------------------------------------------------------------------
+
+
+def vocabulary() -> list[str]:
+    """Every word of every domain's class names and prompt template, plus a few extras."""
+    from tokenizers import normalizers, pre_tokenizers
+
+    normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    splitter = pre_tokenizers.Whitespace()
+    words = set(_EXTRA_WORDS)
+    for name in domains.domain_names():
+        domain = domains.get_domain(name)
+        for text in domain.prompts():
+            words.update(w for w, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text)))
+    return sorted(words)
+
+
+def build_tokenizer(max_length: int = 32) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer (lowercased) over `vocabulary()`, wrapped for transformers."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(_SPECIAL_TOKENS)}
+    for word in vocabulary():
+        vocab.setdefault(word, len(vocab))
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A {EOS}", special_tokens=[(BOS, vocab[BOS]), (EOS, vocab[EOS])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token=PAD,
+        unk_token=UNK,
+        bos_token=BOS,
+        eos_token=EOS,
+        model_max_length=max_length,
+    )
+
+
+def build_image_processor(image_size: int = 32) -> Any:
+    """CLIP preprocessing (resize, centre crop, OpenAI mean/std) for `image_size` inputs."""
+    from transformers import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+    )
+
+
+def build_clip(recipe: ClipRecipe, tokenizer: PreTrainedTokenizerBase) -> CLIPModel:
+    """A randomly initialised `CLIPModel` for `recipe` (seeded: two builds are identical)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    tower = dict(
+        hidden_size=recipe.hidden_size,
+        intermediate_size=recipe.intermediate_size,
+        num_hidden_layers=recipe.num_layers,
+        num_attention_heads=recipe.num_heads,
+    )
+    text = dict(
+        tower,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=recipe.max_text_length,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    vision = dict(tower, image_size=recipe.image_size, patch_size=recipe.patch_size)
+    config = CLIPConfig(
+        text_config=text, vision_config=vision, projection_dim=recipe.projection_dim
+    )
+    torch.manual_seed(recipe.seed)
+    return CLIPModel(config).eval()
+
+
+def save_clip_dir(
+    directory: Path,
+    model: CLIPModel,
+    tokenizer: PreTrainedTokenizerBase,
+    image_processor: Any,
+    base_domain: domains.Domain | None = None,
+) -> Path:
+    """Write a complete local HF CLIP directory (+ labels.json when a base domain is given)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    image_processor.save_pretrained(directory)
+    if base_domain is not None:
+        labels = {
+            "domain": base_domain.name,
+            "labels": list(base_domain.class_names),
+            "prompt_template": base_domain.prompt_template,
+        }
+        (directory / LABELS_FILENAME).write_text(json.dumps(labels, indent=2) + "\n")
+    return directory
+
+
+# --- training -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainSummary:
+    steps: int
+    seconds: float
+    final_loss: float
+    test_accuracy: float
+    chance: float
+
+
+def pixel_values(image_processor: Any, images: Sequence[Image.Image]) -> torch.Tensor:
+    """[B, 3, H, W] float32 model inputs for PIL images."""
+    return image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+
+
+def _text_inputs(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> dict:
+    return tokenizer(list(prompts), padding=True, truncation=True, return_tensors="pt")
+
+
+def _param_groups(model: CLIPModel, weight_decay: float) -> list[dict]:
+    # No decay on embeddings: words of the continual domains never receive a gradient here,
+    # and decay would shrink them towards one shared vector that experts could not separate.
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.ndim < 2 or "embedding" in name:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def _contrastive_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Image->text CE over every class prompt + text->image CE over the batch's images.
+
+    logits [B, C]; a class present in the batch has every image of that class as a positive
+    (uniform soft target), so duplicate classes in a batch are not false negatives.
+    """
+    image_to_text = F.cross_entropy(logits, labels)
+    positives = F.one_hot(labels, logits.shape[1]).t().float()  # [C, B]
+    present = positives.sum(dim=1) > 0
+    targets = positives[present] / positives[present].sum(dim=1, keepdim=True)
+    text_to_image = -(targets * logits.t()[present].log_softmax(dim=1)).sum(dim=1).mean()
+    return (image_to_text + text_to_image) / 2
+
+
+def _training_threads() -> int:
+    """Intra-op threads for training: the cores that other processes leave free.
+
+    OpenMP threads that share a core with another busy process spin at every barrier; on 2
+    cores with one other busy process a training step ran ~10x slower with 2 threads than 1.
+    """
+    cores = torch.get_num_threads()
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:  # not available on this platform
+        return cores
+    return max(1, cores - round(busy))
+
+
+def _lr_factor(step: int, recipe: ClipRecipe) -> float:
+    warmup = max(1, int(recipe.steps * recipe.warmup_fraction))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, recipe.steps - warmup)
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train_base(
+    model: CLIPModel,
+    tokenizer: PreTrainedTokenizerBase,
+    image_processor: Any,
+    recipe: ClipRecipe,
+    *,
+    progress: bool = True,
+) -> TrainSummary:
+    """Contrastive training of the whole model on the base domain; returns a summary."""
+    domain = domains.get_domain(domains.BASE_DOMAIN)
+    samples = [
+        sample
+        for draw in range(recipe.train_draws)
+        for sample in domains.load_domain(domain.name, "train", size=recipe.image_size, seed=draw)
+    ]
+    images = pixel_values(image_processor, [image for image, _ in samples])  # [M, 3, H, W]
+    labels = torch.tensor([label for _, label in samples])  # [M]
+    text = _text_inputs(tokenizer, domain.prompts())
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(_training_threads())
+    logger.info(
+        "Training the default CLIP: %d %s images, %d steps of %d, %d thread(s)",
+        len(labels),
+        domain.name,
+        recipe.steps,
+        recipe.batch_size,
+        torch.get_num_threads(),
+    )
+    start = time.perf_counter()
+    try:
+        loss = _train_steps(model, images, labels, text, recipe, progress=progress)
+    finally:
+        torch.set_num_threads(threads)
+        model.eval()
+    seconds = time.perf_counter() - start
+    accuracy = zero_shot_accuracy(model, tokenizer, image_processor, domain.name, "test")
+    return TrainSummary(recipe.steps, seconds, loss, accuracy, 1 / len(domain.class_names))
+
+
+def _train_steps(
+    model: CLIPModel,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    text: Mapping[str, torch.Tensor],
+    recipe: ClipRecipe,
+    *,
+    progress: bool,
+) -> float:
+    """AdamW, linear warm-up then cosine decay, shuffled epochs; returns the last loss."""
+    from tqdm.auto import tqdm
+
+    generator = torch.Generator().manual_seed(recipe.seed)
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, recipe.weight_decay), lr=recipe.lr, betas=(0.9, 0.98), eps=1e-6
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, recipe))
+    model.train()
+    order, cursor, loss_value = torch.randperm(len(labels), generator=generator), 0, math.nan
+    bar = tqdm(range(recipe.steps), desc="training default CLIP", disable=not progress)
+    for _ in bar:
+        if cursor + recipe.batch_size > len(order):
+            order, cursor = torch.randperm(len(labels), generator=generator), 0
+        batch = order[cursor : cursor + recipe.batch_size]  # [b]
+        cursor += recipe.batch_size
+        logits = model(pixel_values=images[batch], **text).logits_per_image  # [b, C]
+        loss = _contrastive_loss(logits, labels[batch])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        with torch.no_grad():  # CLIP's cap on the learned temperature
+            model.logit_scale.clamp_(0, math.log(100))
+        loss_value = loss.item()
+        bar.set_postfix(loss=f"{loss_value:.3f}")
+    return loss_value
+
+
+@torch.inference_mode()
+def zero_shot_accuracy(
+    model: CLIPModel,
+    tokenizer: PreTrainedTokenizerBase,
+    image_processor: Any,
+    domain_name: str,
+    split: domains.Split = "test",
+) -> float:
+    """Top-1 accuracy of the unpatched model over one domain's own class names."""
+    domain = domains.get_domain(domain_name)
+    size = model.config.vision_config.image_size
+    samples = domains.load_domain(domain_name, split, size=size)
+    device = model.logit_scale.device
+    text = {k: v.to(device) for k, v in _text_inputs(tokenizer, domain.prompts()).items()}
+    images = pixel_values(image_processor, [image for image, _ in samples]).to(device)
+    logits = model(pixel_values=images, **text).logits_per_image
+    labels = torch.tensor([label for _, label in samples], device=device)
+    return (logits.argmax(dim=1) == labels).float().mean().item()
+
+
+# --- preparing the cached default ------------------------------------------------------------
+
+
+def default_clip_is_prepared() -> bool:
+    return _is_prepared(default_clip_dir())
+
+
+def prepare_default_clip(force: bool = False, *, progress: bool = True) -> Path:
+    """Train and cache the default CLIP once; returns its directory.
+
+    Idempotent (a marker names the recipe; a matching marker skips the work) and atomic (built
+    in a temporary sibling directory, renamed into place); a file lock makes concurrent callers
+    train only once. About 2-3 minutes on 2 CPU cores.
+    """
+    target = default_clip_dir()
+    if not force and _is_prepared(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(target.parent / f".{target.name}.lock"):
+        if not force and _is_prepared(target):
+            logger.info("Default CLIP was prepared by another process at %s", target)
+            return target
+        _remove_leftovers(target)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            summary = _build_default(staging, progress=progress)
+            marker = {
+                "recipe": RECIPE_VERSION,
+                "train_steps": summary.steps,
+                "train_seconds": round(summary.seconds, 1),
+                "final_loss": round(summary.final_loss, 4),
+                "base_domain": domains.BASE_DOMAIN,
+                "base_test_accuracy": round(summary.test_accuracy, 4),
+                "chance": round(summary.chance, 4),
+                "torch_version": torch.__version__,
+                "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            }
+            (staging / MARKER_FILENAME).write_text(json.dumps(marker, indent=2) + "\n")
+            _make_readable(staging)
+            _replace_dir(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    logger.info(
+        "Default CLIP ready at %s: trained %d steps in %.1f s, base test accuracy %.3f "
+        "(chance %.3f)",
+        target,
+        summary.steps,
+        summary.seconds,
+        summary.test_accuracy,
+        summary.chance,
+    )
+    return target
+
+
+def default_clip_info() -> dict[str, Any]:
+    """The marker of the prepared default (recipe, training time, base accuracy), or {}."""
+    try:
+        return json.loads((default_clip_dir() / MARKER_FILENAME).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _build_default(directory: Path, *, progress: bool) -> TrainSummary:
+    recipe = DEFAULT_RECIPE
+    tokenizer = build_tokenizer(recipe.max_text_length)
+    image_processor = build_image_processor(recipe.image_size)
+    model = build_clip(recipe, tokenizer)
+    summary = train_base(model, tokenizer, image_processor, recipe, progress=progress)
+    save_clip_dir(
+        directory, model, tokenizer, image_processor, domains.get_domain(domains.BASE_DOMAIN)
+    )
+    return summary
+
+
+def _is_prepared(target: Path) -> bool:
+    try:
+        marker = json.loads((target / MARKER_FILENAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(marker, dict)
+        and marker.get("recipe") == RECIPE_VERSION
+        and (target / "config.json").is_file()
+    )
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: Path) -> Iterator[None]:
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no cross-process lock, the rename is still atomic
+        yield
+        return
+    with open(path, "a+") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _remove_leftovers(target: Path) -> None:
+    for pattern in (f".{target.name}.tmp-*", f".{target.name}.old-*"):
+        for leftover in target.parent.glob(pattern):
+            logger.info("Removing leftover %s from an interrupted prepare", leftover)
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _make_readable(directory: Path) -> None:
+    directory.chmod(0o755)
+    for path in directory.iterdir():
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+def _replace_dir(staging: Path, target: Path) -> None:
+    if not target.exists():
+        staging.rename(target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    old.rmdir()
+    target.rename(old)
+    staging.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# --- loading any local CLIP directory ----------------------------------------------------------
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_clip(
+    model_dir: Path | str | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> LoadedClip:
+    """Load a local HF CLIP directory (None: the default, trained first if needed).
+
+    The base parameters are frozen (`requires_grad=False`): only experts ever learn.
+    """
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
+    directory = prepare_default_clip() if model_dir is None else Path(model_dir).expanduser()
+    if not (directory / "config.json").is_file():
+        raise ClipNotAvailableError(f"{directory} is not a Hugging Face model directory")
+    target_device = default_device() if device is None else torch.device(device)
+    target_dtype = torch.float32 if dtype is None else dtype
+    start = time.perf_counter()
+    try:
+        model = CLIPModel.from_pretrained(directory, local_files_only=True, dtype=target_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        image_processor = AutoImageProcessor.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise ClipNotAvailableError(
+            f"Cannot load a CLIP model from {directory}: {error}"
+        ) from error
+    model.to(target_device).eval().requires_grad_(False)
+    base_labels, templates = _read_labels(directory)
+    logger.info(
+        "Loaded CLIP %s on %s in %.2f s (%d base labels)",
+        directory,
+        target_device,
+        time.perf_counter() - start,
+        len(base_labels),
+    )
+    return LoadedClip(
+        model=model,
+        tokenizer=tokenizer,
+        image_processor=image_processor,
+        base_labels=base_labels,
+        model_dir=directory,
+        device=target_device,
+        dtype=target_dtype,
+        label_templates=templates,
+    )
+
+
+def _read_labels(directory: Path) -> tuple[tuple[str, ...], dict[str, str]]:
+    """(base labels, label -> template) from labels.json; a CLIP without one has none."""
+    path = directory / LABELS_FILENAME
+    if not path.is_file():
+        return (), {}
+    try:
+        data = json.loads(path.read_text())
+        labels = tuple(str(label) for label in data["labels"])
+        template = data.get("prompt_template")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ClipNotAvailableError(f"{path} is not a valid labels file: {error}") from error
+    if isinstance(template, str) and "{}" in template:
+        return labels, dict.fromkeys(labels, template)
+    return labels, {}
