@@ -100,6 +100,8 @@ class MoRALinear(nn.Module):
         y = self.base_layer(x)
         pool = self.pool
         num_slots = pool.num_slots
+        if pool.trainable is not None:
+            return self._forward_training(x, y)
         if num_slots == 0:
             return y  # empty pool: the base output, bit for bit
         ctx = current_context(pool)
@@ -139,6 +141,36 @@ class MoRALinear(nn.Module):
         )
         ctx.record_routing(self.kind, routing, seq, num_slots)
         delta = apply_values(routing, layer.B[:num_slots].to(x2.dtype))  # [T, O]
+        return y + delta.reshape(y.shape).to(y.dtype)
+
+    def _forward_training(self, x: Tensor, y: Tensor) -> Tensor:
+        """The frozen experts of the latest version plus the ones being learned, with
+        gradients only through the latter (and no pruning while training)."""
+        pool = self.pool
+        layer = pool.layers[self.path]
+        ctx = current_context(pool)
+        num_slots = pool.num_slots
+        visible = pool.latest().mask(num_slots, x.device) & layer.present[:num_slots]  # [N]
+        x2 = x.reshape(-1, x.shape[-1])  # [T, D]
+        A_parts, B_parts = [layer.A[:num_slots][visible]], [layer.B[:num_slots][visible]]
+        scales = [pool.slot_scale[visible]]
+        if self.path in pool.trainable:
+            A_new, B_new = pool.trainable[self.path]
+            A_parts.append(A_new)
+            B_parts.append(B_new)
+            scales.append(A_new.new_full((A_new.shape[0],), pool.trainable_scale))
+        A, B = torch.cat(A_parts).to(x2.dtype), torch.cat(B_parts).to(x2.dtype)  # [N', D|O]
+        if A.shape[0] == 0:
+            return y
+        routing = route(
+            x2 @ A.t(),  # [T, N']
+            top_k=pool.routing.top_k,
+            tau=pool.routing.tau,
+            threshold=pool.routing.threshold,
+            training=ctx.training,
+            slot_scale=torch.cat(scales).to(x2.dtype),
+        )
+        delta = apply_values(routing, B, strategy="dense")  # [T, O]
         return y + delta.reshape(y.shape).to(y.dtype)
 
 

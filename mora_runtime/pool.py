@@ -141,6 +141,8 @@ class ExpertPool:
         self._live = Counter[int]()
         self._lock = threading.RLock()
         self._latest = PoolSnapshot(0, (), ())
+        self.trainable: dict[str, tuple[Tensor, Tensor]] | None = None
+        self.trainable_scale = 1.0
 
     # ----------------------------------------------------------------- read side
     @property
@@ -232,6 +234,24 @@ class ExpertPool:
             self._reclaim()
             return snap
 
+    # ------------------------------------------------------------- training side
+    def attach_trainable(
+        self, tensors: Mapping[str, tuple[Tensor, Tensor]], *, scale: float = 1.0
+    ) -> None:
+        """Add the experts being learned (usually `nn.Parameter`s) after the pool's slots.
+
+        Every token sees them; they share the normalisation, top-k and softmax with the
+        frozen experts, exactly as they will once saved and loaded. Not for serving.
+        """
+        with self._lock:
+            self._check_tensors("<trainable>", tensors)
+            self.trainable = dict(tensors)
+            self.trainable_scale = float(scale)
+
+    def detach_trainable(self) -> None:
+        with self._lock:
+            self.trainable = None
+
     def set_version(self, version: int) -> PoolSnapshot:
         """Renumber the current state (versions only grow). Replicas use this to report the
         version of the cluster-wide registry instead of their local count of mutations."""
@@ -272,7 +292,7 @@ class ExpertPool:
                     f"{name}/{path}: got A {tuple(A.shape)}, B {tuple(B.shape)}; layer is "
                     f"D={layer.in_features}, O={layer.out_features}"
                 )
-            if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+            if not (torch.isfinite(A.detach()).all() and torch.isfinite(B.detach()).all()):
                 raise PoolError(f"{name}/{path}: non-finite values")
             ranks.add(A.shape[0])
         if len(ranks) != 1 or 0 in ranks:
