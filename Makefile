@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 PYTEST_ARGS ?=
 
-.PHONY: setup models run test test-fast lint bench clean
+.PHONY: setup models run test test-fast lint bench demo observe clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,15 @@ lint: setup
 
 bench: models
 	$(BIN)/python benchmarks/experts.py
+	$(BIN)/python benchmarks/engine.py
+
+# Learn one LM task and one CLIP task, hot-load both into a server it starts, show the change.
+demo: models
+	$(BIN)/python -m serving.demo
+
+# Server + a real Prometheus scraping it, for a person to look at (Ctrl-C stops both).
+observe: models
+	$(BIN)/python -m loadtest observe
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache

@@ -65,7 +65,8 @@ def run(config_path: Path | None) -> int:
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
-    done.wait()
+    while not done.wait(0.5):  # a timed wait lets the signal handlers run promptly
+        pass
     print("shutting down ...", flush=True)
     stop()
     return 0
