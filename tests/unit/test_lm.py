@@ -16,13 +16,13 @@ import torch
 from mora_runtime import lm as lm_module
 from mora_runtime import paths
 from mora_runtime.lm import (
-    MARKER_FILENAME,
     LoadedLM,
     ModelNotAvailableError,
     greedy_generate,
     load_causal_lm,
     prepare_default_lm,
 )
+from mora_runtime.materialize import MARKER_FILENAME
 from serving.cli import main as mora_main
 from tests.conftest import TINY_CONTEXT, build_tiny_gpt2, build_tiny_llama
 
