@@ -53,7 +53,8 @@ def materialize(
         _remove_leftovers(target)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
-            marker = {**build(staging), "created_at": datetime.now(UTC).isoformat(timespec="seconds")}
+            created = datetime.now(UTC).isoformat(timespec="seconds")
+            marker = {**build(staging), "created_at": created}
             (staging / MARKER_FILENAME).write_text(json.dumps(marker, indent=2) + "\n")
             _make_readable(staging)
             _replace_dir(staging, target)
