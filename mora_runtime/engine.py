@@ -119,6 +119,11 @@ class Engine:
     def num_waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def is_alive(self) -> bool:
+        """Whether the step loop thread is running."""
+        return self._thread is not None and self._thread.is_alive()
+
     def submit(
         self,
         prompt: list[int],

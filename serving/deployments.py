@@ -154,7 +154,7 @@ class LMServer(_ReplicaBase):
                 self.engine.abort(request_id)
 
     async def check_health(self) -> None:
-        if self.engine._thread is None or not self.engine._thread.is_alive():
+        if not self.engine.is_alive:
             raise RuntimeError("the engine thread is not running")
 
 
