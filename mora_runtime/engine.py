@@ -308,7 +308,7 @@ class Engine:
             else [None] * len(seqs)
         )
         for seq, length in zip(seqs, lengths, strict=True):
-            seq.position = length
+            seq.position = length - 1  # the last prompt token's; _emit_step moves it to the pick
         self._merge(seqs, cache, mask)
         self._emit_step(seqs, logits[:, -1].float(), routing, prompt_logprobs)
         return routing.per_token if routing is not None else {}
