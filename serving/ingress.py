@@ -7,6 +7,7 @@ app detokenises about twice per streamed token), so only token ids cross to the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -64,7 +65,11 @@ class RayLMBackend:
             ) from None
         finally:
             if not finished:
-                stream.cancel()  # the replica's generator sees CancelledError and frees the slot
+                # The replica's generator sees CancelledError and frees the slot. A request
+                # that was never assigned (backpressure) makes cancel() re-raise that error,
+                # which would replace the Overloaded above with Ray's plain-text 503.
+                with contextlib.suppress(Exception):
+                    stream.cancel()
 
 
 class RayClipBackend:
