@@ -44,6 +44,9 @@ class LMSettings(_Strict):
     max_queued_requests: int = Field(64, ge=-1)
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
+    # Ray sets OMP_NUM_THREADS to a replica's num_cpus; torch then uses that many threads.
+    # None: every core of the machine (one LM replica per node is the common layout).
+    torch_threads: int | None = Field(None, ge=1)
     routing: RoutingSettings = RoutingSettings()
 
 
@@ -57,6 +60,7 @@ class ClipSettings(_Strict):
     batch_wait_timeout_s: float = Field(0.01, ge=0)
     num_cpus: float = Field(0.5, ge=0)
     num_gpus: float = Field(0.0, ge=0)
+    torch_threads: int | None = Field(None, ge=1)  # None: as Ray sets it (num_cpus)
     routing: RoutingSettings = RoutingSettings(top_k=16, tau=0.01, threshold=0.2)
 
 
@@ -73,6 +77,9 @@ class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = 8000
     metrics_port: int = 8080
+    # The ingress only parses HTTP and awaits handles: a fraction of a CPU, so that
+    # ingress + LM + CLIP fit a 2-core machine with the defaults.
+    ingress_num_cpus: float = Field(0.25, ge=0)
     expert_store: str = "experts"
     admin_token: str | None = None  # else $MORA_ADMIN_TOKEN
     api_token: str | None = None  # else $MORA_API_TOKEN

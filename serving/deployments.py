@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import threading
 from collections.abc import AsyncIterator
 from typing import Any
@@ -29,6 +30,13 @@ from .registry import registry_actor
 logger = logging.getLogger(__name__)
 
 RECONCILE_INTERVAL_S = 2.0  # also refreshes gauges (Ray drops a gauge not set for ~20 s)
+
+
+def _set_torch_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    logger.info("torch uses %d threads in this replica", threads)
 
 
 def _routing(settings) -> RoutingConfig:
@@ -85,6 +93,7 @@ class LMServer(_ReplicaBase):
 
         cfg = ServerConfig.model_validate(config)
         self.model_name = cfg.lm.served_name
+        _set_torch_threads(cfg.lm.torch_threads or os.cpu_count() or 1)
         lm = await asyncio.to_thread(load_causal_lm, cfg.lm.model_dir)
         pool = patch_model(
             lm.model,
@@ -168,6 +177,8 @@ class ClipServer(_ReplicaBase):
 
         cfg = ServerConfig.model_validate(config)
         self.model_name = cfg.clip.served_name
+        if cfg.clip.torch_threads:
+            _set_torch_threads(cfg.clip.torch_threads)
         loaded = await asyncio.to_thread(load_clip, cfg.clip.model_dir)
         self.classifier = ClipClassifier(loaded)
         pool = self.classifier.patch(_routing(cfg.clip.routing), capacity=cfg.clip.pool_capacity)
@@ -248,4 +259,5 @@ def build_app(args: dict[str, Any]) -> Application:
             max_ongoing_requests=max(64, 4 * cfg.clip.max_batch_size),
             ray_actor_options={"num_cpus": cfg.clip.num_cpus, "num_gpus": cfg.clip.num_gpus},
         ).bind(config)
-    return MoraIngress.bind(config, lm, clip)
+    ingress = MoraIngress.options(ray_actor_options={"num_cpus": cfg.ingress_num_cpus})
+    return ingress.bind(config, lm, clip)
