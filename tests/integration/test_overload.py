@@ -1,0 +1,87 @@
+"""Backpressure: one LM replica taking one request at a time with a queue of one.
+
+Redeploys the app with that config (Ray keeps running); a stream that would run for minutes
+holds the only slot, so of the requests sent meanwhile one waits in the queue and the rest
+are refused at once with a 503, an OpenAI error body and Retry-After.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from tests.integration.conftest import LM_NAME, LONG_CONTEXT, wait_for
+
+pytestmark = pytest.mark.integration
+logger = logging.getLogger(__name__)
+
+EXTRA_REQUESTS = 4
+
+
+@pytest.fixture(scope="module")
+def tight(cluster, tiny_lm_dir):
+    cfg = cluster.config(
+        lm={
+            "model_dir": str(tiny_lm_dir),
+            "served_name": LM_NAME,
+            "replicas": 1,
+            "max_ongoing_requests": 1,
+            "max_queued_requests": 1,
+        },
+        clip={"enabled": False},
+    )
+    cluster.deploy(cfg)
+    return cluster
+
+
+def test_overload_is_a_fast_503_with_a_json_body(tight) -> None:
+    holder = tight.openai().completions.create(
+        model=LM_NAME, prompt="hello world", max_tokens=LONG_CONTEXT - 64, stream=True
+    )
+
+    def attempt(_: int) -> tuple[httpx.Response, float]:
+        started = time.perf_counter()
+        response = httpx.post(
+            f"{tight.base_url}/v1/completions",
+            json={"model": LM_NAME, "prompt": "the quick brown fox", "max_tokens": 8},
+            timeout=300,
+        )
+        return response, time.perf_counter() - started
+
+    pool = ThreadPoolExecutor(EXTRA_REQUESTS)
+    try:
+        assert next(iter(holder)).choices  # the holder is running: the slot is taken
+        futures = [pool.submit(attempt, i) for i in range(EXTRA_REQUESTS)]
+        # Refusals come back while the holder still runs; the queued one waits for it.
+        wait_for(
+            lambda: sum(f.done() for f in futures) >= EXTRA_REQUESTS - 1,
+            "the refusals",
+            120,
+        )
+    finally:
+        holder.close()  # frees the slot: the queued request runs now
+    results = [future.result(timeout=300) for future in futures]
+    pool.shutdown()
+
+    refused = [(r, s) for r, s in results if r.status_code == 503]
+    served = [(r, s) for r, s in results if r.status_code == 200]
+    logger.info(
+        "refused in %s s; served in %s s",
+        [round(s, 3) for _, s in refused],
+        [round(s, 3) for _, s in served],
+    )
+    assert len(refused) + len(served) == EXTRA_REQUESTS, [r.text for r, _ in results]
+    assert refused and served
+    for response, _ in refused:
+        assert response.headers.get("content-type") == "application/json", (
+            response.headers,
+            response.text,
+        )
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["message"]
+        assert response.headers.get("retry-after")
+    assert tight.complete("hello world", 4)["usage"]["completion_tokens"] == 4
