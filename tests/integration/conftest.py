@@ -434,7 +434,12 @@ def tiny_clip(tiny_clip_dir):
 def main_config(cluster, tiny_lm_dir, tiny_clip_dir) -> ServerConfig:
     """Two LM replicas and one CLIP replica: what most integration tests run against."""
     return cluster.config(
-        lm={"model_dir": str(tiny_lm_dir), "served_name": LM_NAME, "replicas": 2},
+        lm={
+            "model_dir": str(tiny_lm_dir),
+            "served_name": LM_NAME,
+            "replicas": 2,
+            "torch_threads": 1,  # two replicas on two cores; tiny matmuls gain nothing more
+        },
         clip={"model_dir": str(tiny_clip_dir), "served_name": CLIP_NAME},
     )
 

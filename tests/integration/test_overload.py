@@ -29,6 +29,7 @@ def tight(cluster, tiny_lm_dir):
             "model_dir": str(tiny_lm_dir),
             "served_name": LM_NAME,
             "replicas": 1,
+            "torch_threads": 1,
             "max_ongoing_requests": 1,
             "max_queued_requests": 1,
         },
