@@ -1,0 +1,257 @@
+"""The whole server (HTTP -> Ray Serve -> engine) against plain HF `generate`, on SmolLM2.
+
+    .venv/bin/python benchmarks/serving.py [--tokens 64] [--sets 10] [--out PATH]
+
+Measures aggregate output tokens/s of greedy `max_tokens` completions (completion tokens
+counted from `usage`; a request may end early at EOS) from closed-loop HTTP clients at each
+concurrency, after these in-process baselines on the same model and prompts (the functions
+of benchmarks/engine.py): `generate` one request at a time, and `generate` on a static
+padded batch of 16. Then `--sets` random expert sets x 16 ranks on q/k/v/o are hot-loaded
+through POST /v1/experts and concurrency 16 runs again, against the empty pool just before.
+
+The server is started with `serving.launcher.start` on free ports with CLIP off; torch in
+the LM replica uses as many threads as the in-process baselines (`lm.torch_threads`).
+Ratios compare runs of this one process: timings on this machine drift by up to 2x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import secrets
+import socket
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import httpx
+import torch
+
+from mora_runtime.lm import load_causal_lm
+from mora_runtime.patching import find_target_modules
+from mora_runtime.store import ExpertSet, ExpertSetMeta, base_fingerprint, save_expert_set
+
+RANK = 16
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "serving.md"
+
+
+def engine_benchmark() -> ModuleType:
+    """benchmarks/engine.py, loaded by path (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("engine_benchmark", HERE / "engine.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def unshadow_serving() -> None:
+    """Run as a script, benchmarks/ is sys.path[0] and this file would be `serving`."""
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+
+
+@dataclass
+class Run:
+    label: str
+    tokens_per_s: float
+    tokens_per_request: float | None = None
+    active_ranks: float | None = None
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def save_random_sets(lm, store: Path, count: int) -> list[str]:
+    """Random sets as `mora learn` would save them, fingerprinted on the unpatched model."""
+    modules = find_target_modules(lm.model)
+    fingerprint = base_fingerprint(lm.model, modules)
+    g = torch.Generator().manual_seed(0)
+    names = []
+    for s in range(count):
+        tensors = {
+            path: (
+                torch.randn(RANK, d, generator=g) / d**0.5 * 3,  # [r, D]
+                torch.randn(RANK, o, generator=g) * 0.05,  # [r, O]
+            )
+            for path, (d, o) in modules.items()
+        }
+        meta = ExpertSetMeta(
+            name=f"bench-{s}",
+            model_kind="causal_lm",
+            base_model=fingerprint,
+            target_modules=sorted(modules),
+            rank=RANK,
+            top_k=8,
+            tau=0.03,
+            threshold=0.2,
+            scale=1.0,
+        )
+        save_expert_set(ExpertSet(meta=meta, tensors=tensors), store / meta.name, overwrite=True)
+        names.append(meta.name)
+    return names
+
+
+def http_tps(
+    base_url: str, model: str, prompts: list[list[int]], tokens: int, concurrency: int
+) -> Run:
+    """Closed loop: `concurrency` clients, each sending its next request when one ends."""
+    queue = list(prompts)
+    lock = threading.Lock()
+    produced, requests, ranks = 0, 0, 0.0
+    errors: list[str] = []
+
+    def client() -> None:
+        nonlocal produced, requests, ranks
+        with httpx.Client(base_url=base_url, timeout=600) as http:
+            while True:
+                with lock:
+                    if not queue or errors:
+                        return
+                    prompt = queue.pop()
+                body = {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0}
+                response = http.post("/v1/completions", json=body)
+                with lock:
+                    if response.status_code != 200:
+                        errors.append(f"{response.status_code}: {response.text[:200]}")
+                        return
+                    out = response.json()
+                    produced += out["usage"]["completion_tokens"]
+                    requests += 1
+                    ranks += out["mora"]["active_ranks_per_token"]
+
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    if errors:
+        raise RuntimeError(f"{len(errors)} requests failed, first: {errors[0]}")
+    return Run("", produced / elapsed, produced / requests, ranks / requests)
+
+
+def table(runs: dict[str, Run], args, threads: int) -> str:
+    # The faster of the runs before and after the server: the conservative reference.
+    one = max(runs["one"].tokens_per_s, runs["one-after"].tokens_per_s)
+    static = max(runs["static"].tokens_per_s, runs["static-after"].tokens_per_s)
+    empty = runs["c16"].tokens_per_s
+    targets = {"c1": ("one-at-a-time", 1.5), "c16": ("static 16", 1.5), "pool": ("empty", 0.8)}
+    lines = [
+        f"{args.tokens}-token greedy completions on SmolLM2-135M-Instruct (fp32, CPU, "
+        f"{os.cpu_count()} cores, torch threads {threads}); server = HTTP -> Ray Serve "
+        "ingress -> 1 LM replica; closed-loop clients. Ratios use the faster of the two "
+        "runs of each baseline.",
+        "",
+        "| run | tokens/s | tokens/request | active ranks/token | vs generate 1-at-a-time "
+        "| vs static batch 16 | vs server empty pool c16 | target |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for key, run in runs.items():
+        tpr = f"{run.tokens_per_request:.1f}" if run.tokens_per_request else "-"
+        ranks = f"{run.active_ranks:.2f}" if run.active_ranks is not None else "-"
+        vs_empty = f"{run.tokens_per_s / empty:.2f}x" if key.startswith(("c16", "pool")) else "-"
+        target = "-"
+        if key in targets:
+            name, want = targets[key]
+            base = {"one-at-a-time": one, "static 16": static, "empty": empty}[name]
+            ratio = run.tokens_per_s / base
+            target = f">= {want}x {name}: {'met' if ratio >= want else 'NOT met'} ({ratio:.2f}x)"
+        lines.append(
+            f"| {run.label} | {run.tokens_per_s:.1f} | {tpr} | {ranks} | "
+            f"{run.tokens_per_s / one:.2f}x | {run.tokens_per_s / static:.2f}x | {vs_empty} | "
+            f"{target} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--sets", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    unshadow_serving()
+    from serving import launcher
+    from serving.config import ServerConfig
+
+    bench = engine_benchmark()
+    generate_tps, prompt_ids = bench.generate_tps, bench.prompt_ids
+    lm = load_causal_lm()
+    prompts = [prompt_ids(lm.tokenizer, i) for i in range(64)]
+    runs: dict[str, Run] = {}
+
+    def baselines(suffix: str, when: str) -> None:
+        print(f"in-process baselines ({when}) ...", flush=True)
+        one = generate_tps(lm, prompts[:4], args.tokens, 1)
+        runs[f"one{suffix}"] = Run(f"generate, one at a time ({when})", one)
+        static = generate_tps(lm, prompts[:16], args.tokens, 16)
+        runs[f"static{suffix}"] = Run(f"generate, static batch 16 ({when})", static)
+
+    baselines("", "before the server")
+    threads = torch.get_num_threads()
+
+    root = Path(tempfile.mkdtemp(prefix="mora-bench-"))
+    names = save_random_sets(lm, root / "store", args.sets)
+
+    http_port, metrics_port = free_ports(2)
+    token = secrets.token_hex(8)
+    cfg = ServerConfig.model_validate(
+        {
+            "port": http_port,
+            "metrics_port": metrics_port,
+            "expert_store": str(root / "store"),
+            "admin_token": token,
+            "lm": {"torch_threads": threads},  # as many as the in-process baselines
+            "clip": {"enabled": False},
+        }
+    ).resolved()
+    base_url = f"http://127.0.0.1:{http_port}"
+    model = cfg.lm.served_name
+    print("starting the server ...", flush=True)
+    launcher.start(cfg)
+    try:
+        measured: dict[str, Run] = {}
+
+        def measure(key: str, label: str, concurrency: int) -> None:
+            n = max(2 * concurrency, 4)
+            print(f"{label} ...", flush=True)
+            http_tps(base_url, model, prompts[:1], 8, 1)  # warm-up
+            run = http_tps(base_url, model, prompts[:n], args.tokens, concurrency)
+            run.label = label
+            measured[key] = run
+
+        for c in (1, 4, 32, 16):  # 16 last: the empty-pool reference for the pool run
+            measure(f"c{c}", f"server, concurrency {c}", c)
+        admin = {"Authorization": f"Bearer {token}"}
+        for name in names:
+            response = httpx.post(
+                f"{base_url}/v1/experts", json={"path": name}, headers=admin, timeout=120
+            )
+            response.raise_for_status()
+        measure("pool", f"server, concurrency 16, {args.sets} sets x {RANK} ranks", 16)
+    finally:
+        launcher.stop()
+    baselines("-after", "after the server")
+    runs.update(measured)
+    order = ("one", "one-after", "static", "static-after", "c1", "c4", "c16", "c32", "pool")
+    text = table({key: runs[key] for key in order}, args, threads)
+    print("\n" + text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("# Serving benchmark\n\n" + text)
+
+
+if __name__ == "__main__":
+    main()
