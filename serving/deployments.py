@@ -79,6 +79,11 @@ class _ReplicaBase:
     async def abort(self, op_id: str) -> dict[str, Any]:
         return await self.replica.abort(op_id)
 
+    async def sync_version(self, version: int) -> dict[str, Any]:
+        result = await self.replica.sync_version(version)
+        self._refresh_gauges()
+        return result
+
     async def describe_pool(self) -> dict[str, Any]:
         return {**self.replica.describe(), "activations": dict(self.activations)}
 

@@ -140,6 +140,13 @@ class ReplicaPool:
                 await asyncio.to_thread(self._apply_retire, op["name"], version)
         return self._report("committed", started)
 
+    async def sync_version(self, version: int) -> dict[str, Any]:
+        started = time.perf_counter()
+        async with self._lock:
+            if version > self.pool.version:
+                await asyncio.to_thread(self.exclusive, lambda: self.pool.set_version(version))
+        return self._report("synced", started)
+
     async def abort(self, op_id: str) -> dict[str, Any]:
         self._staged.pop(op_id, None)
         return self._report("aborted", time.perf_counter())
@@ -296,6 +303,13 @@ class HotLoadCoordinator:
             committed = await handle.broadcast("commit", op, version).results_async(
                 return_exceptions=True
             )
+            # The version is cluster-wide: other models' pools are unchanged but move to it
+            # now rather than at their next reconcile, so every response reports it at once.
+            for kind, other in self.handles.items():
+                if kind != op["kind"]:
+                    await other.broadcast("sync_version", version).results_async(
+                        return_exceptions=True
+                    )
             result = "success"
             return {
                 "action": op["action"],
