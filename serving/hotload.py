@@ -34,7 +34,7 @@ from mora_runtime.store import (
     resolve_in_store,
 )
 
-from .errors import BadRequest, ExpertConflict, ExpertLoadFailed, NotFound
+from .errors import BadRequest, ExpertConflict, ExpertLoadFailed, NotFound, Overloaded
 from .registry import RegistryState
 
 logger = logging.getLogger(__name__)
@@ -207,7 +207,12 @@ class HotLoadCoordinator:
         self._inflight: dict[str, asyncio.Future] = {}
 
     async def _state(self) -> RegistryState:
-        return await self.registry.state.remote()
+        from ray.exceptions import RayActorError
+
+        try:
+            return await self.registry.state.remote()
+        except RayActorError:  # restarting (it reloads registry.json): a retry will do
+            raise Overloaded("the expert registry is restarting; retry shortly") from None
 
     async def list_sets(self) -> dict[str, Any]:
         state = await self._state()
