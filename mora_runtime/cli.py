@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from mora_runtime.learn import cli as learn_cli
 from mora_runtime.paths import default_clip_dir, default_lm_dir
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ def build_parser(extra: Iterable[Registrar] = (), *, prog: str = "mora") -> argp
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     register(subparsers)
+    learn_cli.register(subparsers)
     for hook in extra:
         hook(subparsers)
     return parser

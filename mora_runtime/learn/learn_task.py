@@ -1,0 +1,197 @@
+"""Learn one task end to end: what `mora learn` does, and what the evaluation calls per task.
+
+`learn_lm` / `learn_clip` take a loaded, patched model whose pool holds the earlier (frozen)
+sets and return the new `ExpertSet`; they never change the pool. `learn_from_files` is the
+whole command: load the base model and the pool, read and validate the data, learn, and save
+the set atomically (an interrupted run leaves nothing behind).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mora_runtime.pool import ExpertPool
+from mora_runtime.store import ExpertSet, save_expert_set
+
+from .data import (
+    DataError,
+    ImageDataset,
+    LMExample,
+    hash_images,
+    hash_lm_examples,
+    read_image_data,
+    read_lm_jsonl,
+)
+from .objectives import ClipObjective, LMObjective
+from .trainer import (
+    CLIP_DEFAULTS,
+    LM_DEFAULTS,
+    LearnConfig,
+    build_expert_set,
+    learn_experts,
+    load_pool_sets,
+    thread_budget,
+    training_summary,
+)
+
+logger = logging.getLogger(__name__)
+
+KIND_ALIASES = {"lm": "causal_lm", "causal_lm": "causal_lm", "clip": "clip"}
+
+
+def defaults_for(kind: str) -> LearnConfig:
+    return CLIP_DEFAULTS if KIND_ALIASES[kind] == "clip" else LM_DEFAULTS
+
+
+def learn_lm(
+    lm: Any,  # mora_runtime.lm.LoadedLM, patched
+    pool: ExpertPool,
+    examples: Sequence[LMExample],
+    cfg: LearnConfig,
+    *,
+    name: str,
+    data_hash: str | None = None,
+    progress: bool = True,
+    extra: dict[str, Any] | None = None,
+) -> ExpertSet:
+    objective = LMObjective(
+        lm.model,
+        lm.tokenizer,
+        examples,
+        eos_token_id=lm.eos_token_ids[0] if lm.eos_token_ids else None,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        max_length=cfg.max_length,
+    )
+    experts, log = learn_experts(pool, objective, cfg, desc=f"learning {name}", progress=progress)
+    summary = training_summary(
+        cfg,
+        log,
+        data_hash or hash_lm_examples(examples),
+        examples=len(examples),
+        pool=[entry.name for entry in pool.sets()],
+        **(extra or {}),
+    )
+    return build_expert_set(lm.model, name, "causal_lm", experts, cfg, training=summary)
+
+
+def learn_clip(
+    classifier: Any,  # mora_runtime.clip.ClipClassifier, patched
+    data: ImageDataset,
+    cfg: LearnConfig,
+    *,
+    name: str,
+    data_hash: str | None = None,
+    progress: bool = True,
+    extra: dict[str, Any] | None = None,
+) -> ExpertSet:
+    pool = classifier.pool
+    if pool is None:
+        raise ValueError("the classifier must be patched (ClipClassifier.patch) before learning")
+    earlier = {c for entry in pool.sets() for c in entry.meta.get("class_names", ())}
+    clash = sorted(earlier & set(data.class_names))
+    if clash:
+        logger.warning("class names already learned by an earlier set: %s", clash[:10])
+    prompts = [classifier.prompt(label) for label in data.class_names]
+    objective = ClipObjective(
+        classifier.clip, data, batch_size=cfg.batch_size, seed=cfg.seed, prompts=prompts
+    )
+    experts, log = learn_experts(pool, objective, cfg, desc=f"learning {name}", progress=progress)
+    summary = training_summary(
+        cfg,
+        log,
+        data_hash or hash_images(data),
+        images=len(data),
+        prompts=prompts,
+        pool=[entry.name for entry in pool.sets()],
+        **(extra or {}),
+    )
+    return build_expert_set(
+        classifier.clip.model,
+        name,
+        "clip",
+        experts,
+        cfg,
+        class_names=data.class_names,
+        training=summary,
+    )
+
+
+@dataclass(frozen=True)
+class LearnResult:
+    path: Path
+    expert_set: ExpertSet
+
+
+def learn_from_files(
+    kind: str,
+    data_path: str | os.PathLike[str],
+    name: str,
+    out: str | os.PathLike[str],
+    *,
+    base: str | os.PathLike[str] | None = None,
+    pool_dirs: Sequence[str | os.PathLike[str]] = (),
+    cfg: LearnConfig | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    threads: int | None = None,
+) -> LearnResult:
+    """`mora learn`: base model + frozen pool + data -> a new expert set saved at `out`.
+
+    `threads`: intra-op threads (None: the cores other processes leave free)."""
+    if Path(out).exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
+    with thread_budget(threads):
+        return _learn_from_files(
+            kind, data_path, name, out, base, pool_dirs, cfg, overwrite, progress
+        )
+
+
+def _learn_from_files(
+    kind: str,
+    data_path: str | os.PathLike[str],
+    name: str,
+    out: str | os.PathLike[str],
+    base: str | os.PathLike[str] | None,
+    pool_dirs: Sequence[str | os.PathLike[str]],
+    cfg: LearnConfig | None,
+    overwrite: bool,
+    progress: bool,
+) -> LearnResult:
+    model_kind = KIND_ALIASES.get(kind)
+    if model_kind is None:
+        raise ValueError(f"--kind must be lm or clip, got {kind!r}")
+    cfg = cfg or defaults_for(kind)
+    out = Path(out)
+    torch.manual_seed(cfg.seed)
+    extra = {"data": str(data_path), "base_model_dir": None if base is None else str(base)}
+    if model_kind == "causal_lm":
+        examples = read_lm_jsonl(data_path)  # validate the data before loading any model
+        from mora_runtime.lm import load_causal_lm
+        from mora_runtime.patching import patch_model
+
+        lm = load_causal_lm(base, device="cpu", dtype=torch.float32)
+        lm.model.requires_grad_(False)
+        pool = patch_model(lm.model, routing=cfg.routing)
+        load_pool_sets(lm.model, pool, pool_dirs, model_kind)
+        expert_set = learn_lm(lm, pool, examples, cfg, name=name, progress=progress, extra=extra)
+    else:
+        data = read_image_data(data_path)
+        if len(data.class_names) < 2:
+            raise DataError(f"{data_path}: a CLIP task needs at least two classes")
+        from mora_runtime.clip import ClipClassifier
+        from mora_runtime.clip_default import load_clip
+
+        classifier = ClipClassifier(load_clip(base, device="cpu"))
+        pool = classifier.patch(cfg.routing)
+        load_pool_sets(classifier.clip.model, pool, pool_dirs, model_kind)
+        expert_set = learn_clip(classifier, data, cfg, name=name, progress=progress, extra=extra)
+    path = save_expert_set(expert_set, out, overwrite=overwrite)
+    return LearnResult(path, expert_set)
