@@ -309,8 +309,9 @@ class Engine:
         )
         for seq, length in zip(seqs, lengths, strict=True):
             seq.position = length - 1  # the last prompt token's; _emit_step moves it to the pick
-        self._merge(seqs, cache, mask)
-        self._emit_step(seqs, logits[:, -1].float(), routing, prompt_logprobs)
+        first_row = len(self._running) if self._cache is not None else 0
+        self._merge(seqs, cache, mask)  # the new rows go after the running ones
+        self._emit_step(seqs, logits[:, -1].float(), routing, prompt_logprobs, first_row)
         return routing.per_token if routing is not None else {}
 
     def _prompt_logprobs(self, seq: _Sequence, logits: Tensor, width: int):
@@ -349,8 +350,13 @@ class Engine:
         self._emit_step(seqs, logits[:, -1].float(), routing, [None] * len(seqs))
         return routing.per_token if routing is not None else {}
 
-    def _emit_step(self, seqs, logits: Tensor, routing, prompt_logprobs) -> None:
-        """Sample one token per sequence, send the events, and retire finished rows."""
+    def _emit_step(
+        self, seqs, logits: Tensor, routing, prompt_logprobs, first_row: int = 0
+    ) -> None:
+        """Sample one token per sequence, send the events, and retire finished rows.
+
+        `seqs` occupy batch rows `first_row ...` (a prefill's new rows follow the running
+        ones)."""
         for seq in seqs:
             if seq.params.penalised and seq.counts is None:
                 seq.counts = torch.zeros(logits.shape[-1], dtype=torch.float32)
@@ -381,7 +387,7 @@ class Engine:
             )
             self._deliver(seq, event)
             if reason is not None:
-                finished.append(row)
+                finished.append(first_row + row)
         if finished:
             self._retire_rows(finished)
 

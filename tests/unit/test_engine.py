@@ -247,3 +247,26 @@ def test_each_sequence_keeps_its_admission_version():
     assert routing is not None and routing.observations > 0
     assert set(routing.set_activations) <= {"a"}
     assert pool.live_versions() == {}  # every snapshot was released
+
+
+def test_a_request_finishing_on_its_first_token_leaves_the_others_running():
+    # The new rows of a prefill follow the running ones; retiring one of them must not hit
+    # a running sequence (it used to abort the wrong request).
+    model = tiny_llama()
+    engine = Engine(model, eos_token_ids=(), max_context=256)
+    long_prompt, short_prompt = prompts(2, seed=5)
+    long_events: list[TokenEvent] = []
+    short_events: list[TokenEvent] = []
+    greedy = SamplingParams(max_tokens=12, temperature=0.0)
+    engine.submit(long_prompt, greedy, long_events.append)
+    engine.step()
+    engine.step()
+    engine.submit(short_prompt, SamplingParams(max_tokens=1, temperature=0.0), short_events.append)
+    for _ in range(20):  # bounded: a wrongly retired row would never finish
+        if long_events and long_events[-1].finish_reason is not None:
+            break
+        engine.step()
+    assert [e.finish_reason for e in short_events] == ["length"]
+    assert long_events[-1].finish_reason == "length"
+    assert tokens(long_events) == hf_greedy(model, long_prompt, 12)
+    assert engine.num_running == 0
