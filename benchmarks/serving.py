@@ -20,7 +20,6 @@ import argparse
 import importlib.util
 import os
 import secrets
-import socket
 import sys
 import tempfile
 import threading
@@ -60,17 +59,6 @@ class Run:
     tokens_per_s: float
     tokens_per_request: float | None = None
     active_ranks: float | None = None
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def save_random_sets(lm, store: Path, count: int) -> list[str]:
@@ -186,6 +174,7 @@ def main() -> None:
     unshadow_serving()
     from serving import launcher
     from serving.config import ServerConfig
+    from serving.launcher import free_ports
 
     bench = engine_benchmark()
     generate_tps, prompt_ids = bench.generate_tps, bench.prompt_ids

@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -37,6 +36,7 @@ from mora_runtime.learn.export import export_task
 from mora_runtime.learn.learn_task import defaults_for, learn_from_files
 from mora_runtime.learn.suites_clip import class_names, task_data
 from mora_runtime.learn.suites_lm import get_task
+from serving.launcher import free_ports
 
 from . import launcher
 from .config import ServerConfig
@@ -51,19 +51,6 @@ RANKS_METRIC = "ray_mora_active_ranks_per_token"
 
 def say(text: str = "") -> None:
     print(text, flush=True)
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def wait_for(probe: Callable[[], T], what: str, timeout_s: float = 180.0) -> T:

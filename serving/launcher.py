@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 from pathlib import Path
 
@@ -70,3 +71,17 @@ def run(config_path: Path | None) -> int:
     print("shutting down ...", flush=True)
     stop()
     return 0
+
+
+def free_ports(count: int) -> list[int]:
+    """Loopback ports nobody listens on right now (all probed before any is released)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()

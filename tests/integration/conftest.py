@@ -21,7 +21,6 @@ import io
 import logging
 import math
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -34,6 +33,7 @@ import pytest
 import torch
 
 from serving.config import APP_NAME, ServerConfig
+from serving.launcher import free_ports
 from tests.conftest import build_tiny_llama, build_tiny_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -67,20 +67,6 @@ def wait_for(
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout_s:g} s waiting for {what} (last: {last!r})")
         time.sleep(interval_s)
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports nobody listens on right now (all probed before any is released)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
