@@ -2,16 +2,22 @@
 
 A forward pass may carry sequences admitted at different pool versions (continuous
 batching). The caller states, per sequence, its snapshot and optional routing overrides, and
-how tokens map to sequences; every adapted layer then reads the same context. Counters stay
-on the device until `collect()` so that recording adds no synchronisation per layer.
+how tokens map to sequences; every adapted layer then reads the same context. What the
+layers need is worked out once per forward (`layout`), not once per layer, and recording
+writes into preallocated buffers that `collect()` reduces in one go: at decode batch sizes
+the fixed cost of small tensor operations, repeated over every adapted layer, is what the
+pool would otherwise add to a step.
 
-Shape legend: S = sequences in the forward, T = tokens, N = slots, K = kept experts.
+Shape legend: S = sequences in the forward, T = tokens, N = slots, K = kept experts,
+L = adapted layers that recorded.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -20,13 +26,70 @@ from .experts import Routing
 from .pool import PoolSnapshot
 from .stats import SequenceRouting, StepRouting
 
+_FIRST_ROWS = 64  # recording rows allocated up front (one per adapted layer call)
+_MAX_LAYOUTS = 32
 
-@dataclass
-class _Counters:
-    observations: Tensor  # [S] long: (token, layer) pairs
-    active: Tensor  # [S] long: active experts summed over those pairs
-    slot_hits: Tensor  # [S, N] long: activations per slot
-    per_token: dict[tuple[str, int], tuple[Tensor, int]]  # (kind, T) -> ([T] sum, layers)
+
+@dataclass(frozen=True)
+class Layout:
+    """How the T tokens of one forward map to sequences and which slots each may see.
+
+    seq       [T] long: the sequence of every token (zeros for a single sequence).
+    mask      [S, N] bool, or None when every sequence sees every slot.
+    top_k     [S] long, threshold [S] float32: per-sequence overrides, or None.
+    """
+
+    num_tokens: int
+    num_slots: int
+    num_sequences: int
+    seq: Tensor
+    mask: Tensor | None
+    top_k: Tensor | None
+    threshold: Tensor | None
+    # What adapted layers derive from the layout once per forward (e.g. kernel arguments).
+    extras: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    # Token-level views for the tensor path (the native kernel indexes by sequence itself).
+    @cached_property
+    def token_mask(self) -> Tensor | None:
+        """[T|1, N] bool, or None."""
+        if self.mask is None or self.mask.shape[0] == 1:
+            return self.mask
+        return self.mask[self.seq]
+
+    @cached_property
+    def token_top_k(self) -> Tensor | None:
+        return None if self.top_k is None else self.top_k[self.seq]
+
+    @cached_property
+    def token_threshold(self) -> Tensor | None:
+        return None if self.threshold is None else self.threshold[self.seq]
+
+    @cached_property
+    def largest_top_k(self) -> int | None:
+        """The largest per-sequence budget, or None when no sequence overrides it."""
+        return None if self.top_k is None else int(self.top_k.max())
+
+
+class _Recorder:
+    """Active experts per token, one row per adapted-layer call, for forwards of T tokens."""
+
+    def __init__(self, layout: Layout, valid: Tensor | None) -> None:
+        self.layout = layout
+        self.valid = valid  # [T] bool or None
+        self.active = torch.zeros(
+            _FIRST_ROWS, layout.num_tokens, dtype=torch.int32, device=layout.seq.device
+        )  # [L, T]
+        self.kinds: list[str] = []
+
+    def next_row(self, kind: str) -> Tensor:
+        """The [T] int32 row the next layer writes its per-token active counts into."""
+        if len(self.kinds) == self.active.shape[0]:
+            grown = self.active.new_zeros(2 * self.active.shape[0], self.active.shape[1])
+            grown[: len(self.kinds)] = self.active
+            self.active = grown
+        self.kinds.append(kind)
+        return self.active[len(self.kinds) - 1]
 
 
 class ForwardContext:
@@ -53,129 +116,153 @@ class ForwardContext:
         self.record = record
         # [T] bool: tokens that count in the statistics (padding computes but is not counted)
         self.valid_tokens = valid_tokens
-        self._masks: dict[tuple[int, torch.device], Tensor] = {}
-        self._settings: dict[tuple[str, torch.device], Tensor] = {}
-        self._seq_cache: dict[tuple[int, int], Tensor] = {}
-        self._full: dict[tuple[int, str], bool] = {}
-        self._counters: _Counters | None = None
+        self._visible_any = any(s.num_experts for s in self.snapshots)
+        self._layouts: dict[tuple, Layout | None] = {}
+        self._recorders: dict[int, _Recorder] = {}  # by token count
+        self._hits: Tensor | None = None  # [S, N] long: activations per slot
 
     @property
     def num_sequences(self) -> int:
         return len(self.snapshots)
 
-    def visible_any(self) -> bool:
-        return any(s.num_experts for s in self.snapshots)
+    # ------------------------------------------------------------------ layout
+    def layout(
+        self, num_tokens: int, batch_rows: int, num_slots: int, device: torch.device
+    ) -> Layout | None:
+        """What the adapted layers of this forward need; None when no token sees any slot."""
+        key = (num_tokens, batch_rows, num_slots, device)
+        if key not in self._layouts:
+            if len(self._layouts) >= _MAX_LAYOUTS:  # a long-lived default context
+                self._layouts.clear()
+            self._layouts[key] = self._make_layout(num_tokens, batch_rows, num_slots, device)
+        return self._layouts[key]
 
-    def seq_masks(self, num_slots: int, device: torch.device) -> Tensor:
-        """[S, N] bool: the slots each sequence's version can see."""
-        key = (num_slots, device)
-        if key not in self._masks:
-            self._masks[key] = torch.stack([s.mask(num_slots, device) for s in self.snapshots])
-        return self._masks[key]
+    def _make_layout(
+        self, num_tokens: int, batch_rows: int, num_slots: int, device: torch.device
+    ) -> Layout | None:
+        if not self._visible_any:
+            return None
+        mask = None
+        if not all(s.slots == tuple(range(num_slots)) for s in self.snapshots):
+            mask = torch.stack([s.mask(num_slots, device) for s in self.snapshots])  # [S, N]
+        return Layout(
+            num_tokens=num_tokens,
+            num_slots=num_slots,
+            num_sequences=self.num_sequences,
+            seq=self._tokens_to_seq(num_tokens, batch_rows, device),
+            mask=mask,
+            top_k=self._per_seq(self.top_k, device, torch.long),
+            threshold=self._per_seq(self.threshold, device, torch.float32),
+        )
 
-    def sees_all(self, num_slots: int) -> bool:
-        """True when every sequence sees every slot in [0, N): no mask is needed."""
-        key = (num_slots, "all")
-        if key not in self._full:
-            self._full[key] = all(s.slots == tuple(range(num_slots)) for s in self.snapshots)
-        return self._full[key]
-
-    def tokens_to_seq(self, num_tokens: int, batch_rows: int, device: torch.device) -> Tensor:
+    def _tokens_to_seq(self, num_tokens: int, batch_rows: int, device: torch.device) -> Tensor:
         """[T] long: the sequence of every flattened token."""
         if self.token_seq is not None:
             if self.token_seq.numel() != num_tokens:
                 raise ValueError(
                     f"token_seq has {self.token_seq.numel()} entries for {num_tokens} tokens"
                 )
-            return self.token_seq.to(device)
-        key = (num_tokens, batch_rows)
-        if key not in self._seq_cache:
-            if self.num_sequences == 1:
-                seq = torch.zeros(num_tokens, dtype=torch.long, device=device)
-            elif batch_rows == self.num_sequences and num_tokens % batch_rows == 0:
-                per_row = num_tokens // batch_rows
-                seq = torch.arange(batch_rows, device=device).repeat_interleave(per_row)
-            else:
-                raise ValueError(
-                    f"{self.num_sequences} snapshots for a batch of {batch_rows} rows: "
-                    "pass token_seq to map tokens to sequences"
-                )
-            self._seq_cache[key] = seq
-        return self._seq_cache[key]
+            return self.token_seq.to(device=device, dtype=torch.long).contiguous()
+        if self.num_sequences == 1:
+            return torch.zeros(num_tokens, dtype=torch.long, device=device)
+        if batch_rows == self.num_sequences and num_tokens % batch_rows == 0:
+            per_row = num_tokens // batch_rows
+            return torch.arange(batch_rows, device=device).repeat_interleave(per_row)
+        raise ValueError(
+            f"{self.num_sequences} snapshots for a batch of {batch_rows} rows: "
+            "pass token_seq to map tokens to sequences"
+        )
 
-    def per_seq_setting(self, name: str, device: torch.device, dtype: torch.dtype) -> Tensor | None:
-        """[S] tensor of a per-sequence override, or None to use the pool's default."""
-        values = getattr(self, name)
+    @staticmethod
+    def _per_seq(values, device: torch.device, dtype: torch.dtype) -> Tensor | None:
         if values is None:
             return None
-        key = (name, device)
-        if key not in self._settings:
-            self._settings[key] = torch.as_tensor(list(values), device=device, dtype=dtype)
-        return self._settings[key]
+        return torch.as_tensor(list(values), device=device, dtype=dtype)
 
     # ------------------------------------------------------------------ recording
-    def record_routing(self, kind: str, routing: Routing, seq: Tensor, num_slots: int) -> None:
-        """Add one layer's routing to the counters (device tensors, no sync)."""
+    def active_row(self, kind: str, layout: Layout) -> Tensor | None:
+        """[T] int32 buffer row for one layer's per-token active counts (None: not recording)."""
         if not self.record:
-            return
-        device = routing.active.device
-        c = self._counters
-        if c is None or c.slot_hits.shape[1] < num_slots:
-            c = self._grow_counters(num_slots, device)
-        active = routing.active  # [T, K]
-        counted = torch.ones_like(seq)  # [T]
-        if self.valid_tokens is not None:
-            counted = self.valid_tokens.to(device=device, dtype=torch.long)
-            active = active & self.valid_tokens.to(device).unsqueeze(1)
-        per_token = active.sum(dim=-1)  # [T]
-        c.observations.index_add_(0, seq, counted)
-        c.active.index_add_(0, seq, per_token)
-        # Per-token sums per module kind; keyed by token count too, since one forward may
-        # run towers over different token sets (CLIP's text and vision encoders).
-        key = (kind, per_token.shape[0])
-        total, layers = c.per_token.get(key, (None, 0))
-        c.per_token[key] = (per_token if total is None else total + per_token, layers + 1)
-        rows = seq.unsqueeze(1).expand_as(routing.slots)  # [T, K]
-        c.slot_hits.index_put_((rows, routing.slots), active.long(), accumulate=True)
+            return None
+        recorder = self._recorders.get(layout.num_tokens)
+        if recorder is None:
+            recorder = _Recorder(layout, self.valid_mask(layout))
+            self._recorders[layout.num_tokens] = recorder
+        return recorder.next_row(kind)
 
-    def _grow_counters(self, num_slots: int, device: torch.device) -> _Counters:
-        s = self.num_sequences
-        old = self._counters
-        new = _Counters(
-            observations=torch.zeros(s, dtype=torch.long, device=device),
-            active=torch.zeros(s, dtype=torch.long, device=device),
-            slot_hits=torch.zeros(s, num_slots, dtype=torch.long, device=device),
-            per_token={},
-        )
-        if old is not None:
-            new.observations += old.observations
-            new.active += old.active
-            new.slot_hits[:, : old.slot_hits.shape[1]] += old.slot_hits
-            new.per_token = old.per_token
-        self._counters = new
-        return new
+    def valid_mask(self, layout: Layout) -> Tensor | None:
+        """[T] bool: tokens counted in the statistics, None when all are."""
+        if "valid" not in layout.extras:
+            valid = self.valid_tokens
+            if valid is not None:
+                valid = valid.to(layout.seq.device, torch.bool).reshape(-1).contiguous()
+                if valid.numel() != layout.num_tokens:  # another tower's tokens: all count
+                    valid = None
+            layout.extras["valid"] = valid
+        return layout.extras["valid"]
+
+    def slot_hits(self, layout: Layout) -> Tensor | None:
+        """[S, N] long buffer of activations per (sequence, slot) (None: not recording)."""
+        if not self.record:
+            return None
+        hits = self._hits
+        if hits is None or hits.shape[1] != layout.num_slots:
+            grown = torch.zeros(
+                self.num_sequences, layout.num_slots, dtype=torch.long, device=layout.seq.device
+            )
+            if hits is not None:
+                keep = min(hits.shape[1], layout.num_slots)
+                grown[:, :keep] = hits[:, :keep]
+            self._hits = hits = grown
+        return hits
+
+    def record_routing(self, kind: str, routing: Routing, layout: Layout) -> None:
+        """The tensor path's routing of one layer, into the same buffers the kernel fills."""
+        row = self.active_row(kind, layout)
+        if row is None:
+            return
+        row.copy_(routing.active_per_token)
+        hits = self.slot_hits(layout)
+        active = routing.active  # [T, K]
+        valid = self.valid_mask(layout)
+        if valid is not None:
+            active = active & valid.unsqueeze(1)
+        rows = layout.seq.unsqueeze(1).expand_as(routing.slots)  # [T, K]
+        hits.index_put_((rows, routing.slots), active.long(), accumulate=True)
 
     def collect(self) -> StepRouting:
-        """Move the counters to the host (one sync) as plain statistics."""
-        c = self._counters
-        if c is None:
-            empty = tuple(SequenceRouting() for _ in self.snapshots)
-            return StepRouting(empty, {})
-        observations = c.observations.tolist()
-        active = c.active.tolist()
-        hits = c.slot_hits.cpu()
+        """Reduce the buffers to plain statistics (one host transfer)."""
+        observations = [0] * self.num_sequences
+        active = [0] * self.num_sequences
+        per_kind: dict[str, list[float]] = {}
+        for recorder in self._recorders.values():
+            layers = len(recorder.kinds)
+            counts = recorder.active[:layers].long()  # [L, T]
+            seq = recorder.layout.seq
+            if recorder.valid is not None:
+                counts = counts[:, recorder.valid]
+                seq = seq[recorder.valid]
+            per_seq_tokens = torch.bincount(seq, minlength=self.num_sequences)  # [S]
+            per_seq_active = torch.zeros(self.num_sequences, dtype=torch.long, device=seq.device)
+            per_seq_active.index_add_(0, seq, counts.sum(dim=0))
+            for i, (n, a) in enumerate(
+                zip((per_seq_tokens * layers).tolist(), per_seq_active.tolist(), strict=True)
+            ):
+                observations[i] += n
+                active[i] += a
+            kinds = sorted(set(recorder.kinds))
+            for kind in kinds:
+                rows = [i for i, k in enumerate(recorder.kinds) if k == kind]
+                means = counts[rows].double().mean(dim=0)  # [T]
+                per_kind.setdefault(kind, []).extend(means.tolist())
+        hits = self._hits.cpu() if self._hits is not None else None
         sequences = []
         for i, snap in enumerate(self.snapshots):
             per_set: dict[str, int] = {}
-            for entry in snap.sets:
-                count = int(hits[i, entry.slot_start : entry.slot_start + entry.rank].sum())
-                if count:
-                    per_set[entry.name] = count
+            if hits is not None:
+                for entry in snap.sets:
+                    count = int(hits[i, entry.slot_start : entry.slot_start + entry.rank].sum())
+                    if count:
+                        per_set[entry.name] = count
             sequences.append(SequenceRouting(observations[i], active[i], per_set))
-        per_kind: dict[str, list[float]] = {}
-        for (kind, _), (total, layers) in c.per_token.items():
-            means = total.double() / layers  # [T]
-            if self.valid_tokens is not None:
-                means = means[self.valid_tokens.to(means.device)]
-            per_kind.setdefault(kind, []).extend(means.tolist())
         return StepRouting(tuple(sequences), {k: tuple(v) for k, v in per_kind.items()})

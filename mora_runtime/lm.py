@@ -20,6 +20,7 @@ import torch
 
 from mora_runtime.materialize import materialize, read_marker
 from mora_runtime.paths import default_lm_dir
+from mora_runtime.quantize import WeightFormat, int4_supported, quantize_model
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -35,6 +36,8 @@ _CONVERTED_DTYPE = torch.float32
 # Config attributes that hold the context length, in the order model families use them.
 _CONTEXT_ATTRS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 _FALLBACK_CONTEXT = 2048
+# GGUF types whose weights are 4-bit: serving them as int4 loses nothing they did not have.
+_FOUR_BIT_SOURCES = (".Q4_0.GGUF", ".Q4_1.GGUF", ".Q4_K_M.GGUF", ".Q4_K_S.GGUF")
 
 
 class ModelNotAvailableError(RuntimeError):
@@ -52,6 +55,7 @@ class LoadedLM:
     dtype: torch.dtype
     eos_token_ids: tuple[int, ...]
     max_context: int
+    weights: str = "float"  # "float" (as loaded, in `dtype`) or "int4" (mora_runtime.quantize)
 
 
 # --- the bundled default ---------------------------------------------------------------------
@@ -166,19 +170,42 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def resolve_weights(requested: WeightFormat, model_dir: Path, device: torch.device) -> str:
+    """The weight format to serve: "auto" is int4 for a model that is 4-bit at its source (the
+    bundled GGUF) on a CPU with the int4 kernels, else float (a float checkpoint is never
+    quantised unless asked for)."""
+    if requested == "float":
+        return "float"
+    supported = int4_supported(device)
+    if requested == "int4":
+        if not supported:
+            raise ValueError(f"int4 weights need a CPU and torch's int4 kernels (device {device})")
+        return "int4"
+    marker = read_marker(model_dir) or {}
+    from_4bit = str(marker.get("source", "")).upper().endswith(_FOUR_BIT_SOURCES)
+    return "int4" if supported and from_4bit else "float"
+
+
 def load_causal_lm(
     model_dir: Path | str | None = None,
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    weights: WeightFormat = "float",
 ) -> LoadedLM:
-    """Load a local HF causal-LM directory (None: the default, prepared first if needed)."""
+    """Load a local HF causal-LM directory (None: the default, prepared first if needed).
+
+    `weights`: "float" keeps the checkpoint's weights in `dtype`; "int4" quantises the
+    linear layers for the CPU (`mora_runtime.quantize`); "auto" picks (`resolve_weights`).
+    Training needs "float"; serving uses "auto".
+    """
     from transformers import AutoTokenizer
 
     directory = prepare_default_lm() if model_dir is None else Path(model_dir).expanduser()
     _check_model_dir(directory)
     target_device = default_device() if device is None else torch.device(device)
     target_dtype = default_dtype(target_device) if dtype is None else dtype
+    weight_format = resolve_weights(weights, directory, target_device)
 
     start = time.perf_counter()
     try:
@@ -190,6 +217,8 @@ def load_causal_lm(
         ) from error
     model.to(target_device)
     model.eval()
+    if weight_format == "int4":
+        quantize_model(model)
 
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -209,13 +238,15 @@ def load_causal_lm(
         dtype=target_dtype,
         eos_token_ids=eos_token_ids,
         max_context=_max_context(model, tokenizer),
+        weights=weight_format,
     )
     logger.info(
-        "Loaded %s (%s) on %s in %s in %.2f s",
+        "Loaded %s (%s) on %s in %s, %s weights, in %.2f s",
         directory,
         type(model).__name__,
         target_device,
         str(target_dtype).removeprefix("torch."),
+        weight_format,
         time.perf_counter() - start,
     )
     return loaded

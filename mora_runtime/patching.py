@@ -16,9 +16,11 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from .context import ForwardContext
-from .experts import apply_values, route
-from .pool import ExpertPool, PoolSnapshot, RoutingConfig
+from . import native
+from .context import ForwardContext, Layout
+from .experts import apply_values, effective_top_k, route
+from .pool import ExpertPool, PoolLayer, PoolSnapshot, RoutingConfig
+from .quantize import QuantizedLinear
 
 # Module-name suffixes adapted by default, per model family (MORA_SPEC.md settings).
 TARGET_PRESETS: dict[str, tuple[str, ...]] = {
@@ -49,6 +51,8 @@ def linear_shape(module: nn.Module) -> tuple[int, int] | None:
         return module.in_features, module.out_features
     if _is_conv1d(module):
         return module.weight.shape[0], module.weight.shape[1]
+    if isinstance(module, QuantizedLinear):
+        return module.in_features, module.out_features
     return None
 
 
@@ -99,49 +103,66 @@ class MoRALinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         y = self.base_layer(x)
         pool = self.pool
-        num_slots = pool.num_slots
         if pool.trainable is not None:
             return self._forward_training(x, y)
+        num_slots = pool.num_slots
         if num_slots == 0:
             return y  # empty pool: the base output, bit for bit
         ctx = current_context(pool)
-        if not ctx.visible_any():
-            return y
-        layer = pool.layers[self.path]
-        routing_cfg = pool.routing
         x2 = x.reshape(-1, x.shape[-1])  # [T, D]
-        num_tokens = x2.shape[0]
         batch_rows = x.shape[0] if x.ndim > 2 else 1
-        device = x2.device
-        seq = ctx.tokens_to_seq(num_tokens, batch_rows, device)  # [T]
-        token_mask = None  # [1|T, N] bool, None when every token sees every slot
-        if not ctx.sees_all(num_slots):
-            masks = ctx.seq_masks(num_slots, device)  # [S, N]
-            token_mask = masks if masks.shape[0] == 1 else masks[seq]
-        if layer.absent_slots:
-            present = layer.present[:num_slots].unsqueeze(0)  # [1, N]
-            token_mask = present if token_mask is None else token_mask & present
-        top_k = ctx.per_seq_setting("top_k", device, torch.long)  # [S] | None
-        threshold = ctx.per_seq_setting("threshold", device, x2.dtype)  # [S] | None
-        if top_k is not None:
-            top_k = top_k[seq]
-        if threshold is not None:
-            threshold = threshold[seq]
-
-        A = layer.A[:num_slots].to(x2.dtype)  # [N, D]
-        z = x2 @ A.t()  # [T, N]: every expert scores every token
+        layout = ctx.layout(x2.shape[0], batch_rows, num_slots, x2.device)
+        if layout is None:
+            return y  # no sequence of this forward sees any expert
+        layer = pool.layers[self.path]
+        A = layer.A[:num_slots]  # [N, D]
+        z = x2 @ (A if A.dtype == x2.dtype else A.to(x2.dtype)).t()  # [T, N]: every expert scores
+        if not ctx.training and self._native_update(y, z, layer, layout, ctx):
+            return y
+        routing_cfg = pool.routing
         routing = route(
             z,
-            top_k=top_k if top_k is not None else routing_cfg.top_k,
+            top_k=layout.token_top_k if layout.top_k is not None else routing_cfg.top_k,
             tau=routing_cfg.tau,
-            threshold=threshold if threshold is not None else routing_cfg.threshold,
+            threshold=(
+                layout.token_threshold if layout.threshold is not None else routing_cfg.threshold
+            ),
             training=ctx.training,
-            slot_mask=token_mask,
+            slot_mask=self._slot_mask(layout, layer),
             slot_scale=pool.slot_scale.to(x2.dtype),
         )
-        ctx.record_routing(self.kind, routing, seq, num_slots)
+        ctx.record_routing(self.kind, routing, layout)
         delta = apply_values(routing, layer.B[:num_slots].to(x2.dtype))  # [T, O]
         return y + delta.reshape(y.shape).to(y.dtype)
+
+    @staticmethod
+    def _slot_mask(layout: Layout, layer: PoolLayer) -> Tensor | None:
+        """[T|1, N] bool: the slots each token may see in this layer (None: all)."""
+        mask = layout.token_mask
+        if layer.absent_slots:
+            present = layer.present[: layout.num_slots].unsqueeze(0)  # [1, N]
+            mask = present if mask is None else mask & present
+        return mask
+
+    def _native_update(
+        self, y: Tensor, z: Tensor, layer: PoolLayer, layout: Layout, ctx: ForwardContext
+    ) -> bool:
+        """Add this layer's delta to `y` in place with the native kernel, if it applies."""
+        args = layout.extras.get("native", _UNSET)
+        if args is _UNSET:
+            args = layout.extras["native"] = _native_args(self.pool, layout, ctx)
+        if args is None or y.requires_grad or y.dtype != torch.float32 or not y.is_contiguous():
+            return False
+        num_slots = layout.num_slots
+        return native.route_apply(
+            args,
+            z,
+            layer.B[:num_slots],
+            y.view(-1, y.shape[-1]),
+            present=layer.present[:num_slots] if layer.absent_slots else None,
+            active=ctx.active_row(self.kind, layout),
+            hits=ctx.slot_hits(layout),
+        )
 
     def _forward_training(self, x: Tensor, y: Tensor) -> Tensor:
         """The frozen experts of the latest version plus the ones being learned, with
@@ -174,6 +195,36 @@ class MoRALinear(nn.Module):
         return y + delta.reshape(y.shape).to(y.dtype)
 
 
+_UNSET = object()
+
+
+def _native_args(
+    pool: ExpertPool, layout: Layout, ctx: ForwardContext
+) -> native.ForwardArgs | None:
+    """The kernel's per-forward arguments, or None when this forward must use tensors."""
+    routing = pool.routing
+    if (
+        ctx.training
+        or layout.seq.device.type != "cpu"
+        or pool.dtype != torch.float32
+        or effective_top_k(layout.largest_top_k or routing.top_k, layout.num_slots)
+        > native.max_top_k()  # 0 when the kernel is unavailable
+    ):
+        return None
+    return native.ForwardArgs(
+        top_k=routing.top_k,
+        threshold=routing.threshold,
+        tau=routing.tau,
+        slot_scale=pool.slot_scale.contiguous(),
+        scratch=torch.empty(layout.num_tokens, dtype=torch.int32),
+        mask=layout.mask,
+        seq=layout.seq if layout.num_sequences > 1 else None,
+        seq_top_k=layout.top_k,
+        seq_threshold=layout.threshold,
+        valid=ctx.valid_mask(layout),
+    )
+
+
 # Context plumbing ------------------------------------------------------------------------
 _state = threading.local()
 
@@ -182,8 +233,15 @@ def current_context(pool: ExpertPool) -> ForwardContext:
     """The context set for `pool` on this thread, else the latest version for all tokens."""
     contexts: dict[int, ForwardContext] = getattr(_state, "contexts", {})
     ctx = contexts.get(id(pool))
-    if ctx is None:
-        return ForwardContext([pool.latest()], record=False)
+    if ctx is not None:
+        return ctx
+    # No context set (a plain model call): every token sees the latest version. One context
+    # per version is kept, so its per-forward layout is not rebuilt at every layer.
+    defaults: dict[int, ForwardContext] = _state.__dict__.setdefault("defaults", {})
+    latest = pool.latest()
+    ctx = defaults.get(id(pool))
+    if ctx is None or ctx.snapshots[0] is not latest:
+        ctx = defaults[id(pool)] = ForwardContext([latest], record=False)
     return ctx
 
 

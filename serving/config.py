@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -37,6 +37,9 @@ class LMSettings(_Strict):
     served_name: str = "smollm2-135m-instruct"
     replicas: int = Field(1, ge=1)
     targets: list[str] | None = None  # None: q/k/v/o (Llama family) or the family's preset
+    # "auto": int4 for a model that is 4-bit at its source (the bundled GGUF) on a CPU, else
+    # float; "float" keeps the checkpoint's weights; "int4" quantises (mora_runtime.quantize).
+    weights: Literal["auto", "float", "int4"] = "auto"
     pool_capacity: int = Field(256, ge=1)
     max_running: int = Field(32, ge=1)
     max_waiting: int = Field(64, ge=1)

@@ -99,7 +99,7 @@ class LMServer(_ReplicaBase):
         cfg = ServerConfig.model_validate(config)
         self.model_name = cfg.lm.served_name
         _set_torch_threads(cfg.lm.torch_threads or os.cpu_count() or 1)
-        lm = await asyncio.to_thread(load_causal_lm, cfg.lm.model_dir)
+        lm = await asyncio.to_thread(load_causal_lm, cfg.lm.model_dir, weights=cfg.lm.weights)
         pool = patch_model(
             lm.model,
             cfg.lm.targets,
@@ -122,7 +122,11 @@ class LMServer(_ReplicaBase):
         )
         await self._start_sync(cfg.expert_store)
         self.engine.start()
-        self.info = {"model_dir": str(lm.model_dir), "max_context": lm.max_context}
+        self.info = {
+            "model_dir": str(lm.model_dir),
+            "max_context": lm.max_context,
+            "weights": lm.weights,
+        }
         logger.info("LM replica %s ready: %s", self.replica.replica_id, lm.model_dir)
 
     async def model_info(self) -> dict[str, Any]:
