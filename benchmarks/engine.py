@@ -1,25 +1,34 @@
 """The engine against plain HF `generate`, on the default SmolLM2, in one process.
 
-    .venv/bin/python benchmarks/engine.py [--tokens 64] [--sets 10]
+    .venv/bin/python benchmarks/engine.py [--tokens 64] [--sets 10] [--out PATH]
 
-Prints output tokens/s for: `generate` one request at a time, `generate` on a static padded
-batch of 16, the engine at concurrency 1 / 16 / 32, and the engine at concurrency 16 with a
-pool of `--sets` expert sets x 16 ranks on q/k/v/o. Ratios are against runs in this process.
+Prints output tokens/s of greedy `--tokens` completions for: `generate` one request at a
+time and on a static padded batch of 16 (the float32 model a user would otherwise run,
+and the same on the int4 weights the server serves by default), the engine at concurrency
+1 / 16 / 32 on float32 and on int4 weights, and the engine at concurrency 16 with a pool of
+`--sets` expert sets x 16 ranks on q/k/v/o. Ratios are against runs in this process.
+
+It also measures what int4 weights cost in accuracy against the float32 model on a fixed
+text (mean KL of next-token distributions, top-1 agreement, perplexity) and how many greedy
+tokens the two agree on before they first differ.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import threading
 import time
+from pathlib import Path
 
 import torch
 
 from mora_runtime.engine import Engine, EngineConfig, TokenEvent
-from mora_runtime.lm import load_causal_lm
+from mora_runtime.lm import LoadedLM, load_causal_lm
 from mora_runtime.patching import patch_model, unpatch_model
 from mora_runtime.sampling import SamplingParams
 
+RESULTS = Path(__file__).resolve().parent / "results" / "engine.md"
 QUESTIONS = [
     "Write a short story about a robot learning to paint.",
     "Explain why the sky is blue.",
@@ -30,6 +39,14 @@ QUESTIONS = [
     "What are prime numbers?",
     "Summarise the plot of Hamlet.",
 ]
+QUALITY_TEXT = (
+    "The water cycle describes how water evaporates from the surface of the earth, rises into "
+    "the atmosphere, cools and condenses into clouds, and falls again as rain or snow. Rivers "
+    "carry the water back to the oceans, where the cycle begins again. In 1492, Columbus "
+    "sailed across the Atlantic Ocean. Photosynthesis is the process by which green plants "
+    "use sunlight to make food from carbon dioxide and water. def fibonacci(n):\n    if n < 2:"
+    "\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n"
+)
 
 
 def prompt_ids(tokenizer, i: int) -> list[int]:
@@ -99,19 +116,55 @@ def random_sets(pool, sets: int, rank: int = 16) -> None:
         pool.add_set(f"set{s}", tensors)
 
 
+def greedy_ids(lm: LoadedLM, prompt: torch.Tensor, tokens: int) -> list[int]:
+    out = lm.model.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=tokens,
+        min_new_tokens=tokens,
+        do_sample=False,
+        repetition_penalty=1.0,
+        pad_token_id=lm.tokenizer.pad_token_id,
+    )
+    return out[0, prompt.shape[1] :].tolist()
+
+
+@torch.inference_mode()
+def quality(reference: LoadedLM, other: LoadedLM, tokens: int) -> dict[str, float]:
+    """How far `other`'s next-token distributions are from `reference`'s on QUALITY_TEXT, and
+    how many greedy tokens of the chat prompts they agree on before the first difference."""
+    ids = reference.tokenizer(QUALITY_TEXT, return_tensors="pt")["input_ids"]
+    ref = reference.model(ids).logits[0, :-1].float().log_softmax(-1)  # [n, V]
+    got = other.model(ids).logits[0, :-1].float().log_softmax(-1)
+    targets = ids[0, 1:]
+    prefixes = []
+    for i in range(len(QUESTIONS)):
+        prompt = torch.tensor([prompt_ids(reference.tokenizer, i)])
+        a, b = (greedy_ids(lm, prompt, tokens) for lm in (reference, other))
+        differ = (j for j, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)
+        prefixes.append(next(differ, tokens))
+    return {
+        "kl": float((ref.exp() * (ref - got)).sum(-1).mean()),
+        "top1": float((ref.argmax(-1) == got.argmax(-1)).float().mean()),
+        "ppl_reference": math.exp(float(-ref.gather(-1, targets[:, None]).mean())),
+        "ppl": math.exp(float(-got.gather(-1, targets[:, None]).mean())),
+        "greedy_identical": sum(p == tokens for p in prefixes) / len(prefixes),
+        "greedy_prefix": sum(prefixes) / len(prefixes),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--sets", type=int, default=10)
     parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    lm = load_causal_lm()
-    prompts = [prompt_ids(lm.tokenizer, i) for i in range(args.requests)]
+    models = {"float32": load_causal_lm(weights="float"), "int4": load_causal_lm(weights="int4")}
+    prompts = [prompt_ids(models["float32"].tokenizer, i) for i in range(args.requests)]
     results: dict[str, float] = {}
-    results["generate, one at a time"] = generate_tps(lm, prompts[:4], args.tokens, 1)
-    results["generate, static batch 16"] = generate_tps(lm, prompts[:16], args.tokens, 16)
 
-    def run_engine(label: str, concurrency: int, pool=None) -> None:
+    def run_engine(label: str, lm: LoadedLM, concurrency: int, pool=None) -> None:
         engine = Engine(
             lm.model,
             eos_token_ids=lm.eos_token_ids,
@@ -126,21 +179,51 @@ def main() -> None:
             results[label] = engine_tps(engine, prompts[:n], args.tokens, concurrency)
         finally:
             engine.shutdown()
+        print(f"{label}: {results[label]:.1f} tokens/s", flush=True)
 
-    for c in (1, 16, 32):
-        run_engine(f"engine, concurrency {c}", c)
+    for name, lm in models.items():
+        for batch in (1, 16):
+            label = f"generate {name}, " + ("one at a time" if batch == 1 else "static batch 16")
+            count = 4 if batch == 1 else 16
+            results[label] = generate_tps(lm, prompts[:count], args.tokens, batch)
+            print(f"{label}: {results[label]:.1f} tokens/s", flush=True)
+        for c in (1, 16, 32):
+            run_engine(f"engine {name}, concurrency {c}", lm, c)
+    lm = models["int4"]
     pool = patch_model(lm.model)
-    run_engine("engine, concurrency 16, empty pool", 16, pool)
+    run_engine("engine int4, concurrency 16, empty pool", lm, 16, pool)
     random_sets(pool, args.sets)
-    run_engine(f"engine, concurrency 16, {args.sets} sets x 16 ranks", 16, pool)
+    run_engine(f"engine int4, concurrency 16, {args.sets} sets x 16 ranks", lm, 16, pool)
     unpatch_model(lm.model)
+    q = quality(models["float32"], models["int4"], args.tokens)
 
-    one, static = results["generate, one at a time"], results["generate, static batch 16"]
-    print(f"\n{args.tokens}-token greedy completions, torch threads {torch.get_num_threads()}\n")
-    print("| run | tokens/s | vs generate 1-at-a-time | vs static batch 16 |")
-    print("|---|---:|---:|---:|")
+    one = results["generate float32, one at a time"]
+    static = results["generate float32, static batch 16"]
+    empty = results["engine int4, concurrency 16, empty pool"]
+    lines = [
+        f"{args.tokens}-token greedy completions on SmolLM2-135M-Instruct, CPU, torch threads "
+        f"{torch.get_num_threads()}; baselines: HF `generate` on the float32 model.",
+        "",
+        "| run | tokens/s | vs generate 1-at-a-time | vs static batch 16 | vs empty pool |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for label, tps in results.items():
-        print(f"| {label} | {tps:.1f} | {tps / one:.2f}x | {tps / static:.2f}x |")
+        pooled = label.startswith("engine int4, concurrency 16,")
+        vs_empty = f"{tps / empty:.2f}x" if pooled else "-"
+        row = f"| {label} | {tps:.1f} | {tps / one:.2f}x | {tps / static:.2f}x | {vs_empty} |"
+        lines.append(row)
+    lines += [
+        "",
+        f"int4 against float32: mean KL {q['kl']:.4f} nats/token, top-1 agreement "
+        f"{100 * q['top1']:.1f}%, perplexity {q['ppl']:.2f} vs {q['ppl_reference']:.2f} on a "
+        f"{len(QUALITY_TEXT)}-character text; greedy completions of the {len(QUESTIONS)} "
+        f"questions identical for {100 * q['greedy_identical']:.0f}% of them, first "
+        f"difference after {q['greedy_prefix']:.1f} tokens on average.",
+    ]
+    text = "\n".join(lines) + "\n"
+    print("\n" + text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("# Engine benchmark\n\n" + text)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,12 @@ Measures aggregate output tokens/s of greedy `max_tokens` completions (completio
 counted from `usage`; a request may end early at EOS) from closed-loop HTTP clients at each
 concurrency, after these in-process baselines on the same model and prompts (the functions
 of benchmarks/engine.py): `generate` one request at a time, and `generate` on a static
-padded batch of 16. Then `--sets` random expert sets x 16 ranks on q/k/v/o are hot-loaded
-through POST /v1/experts and concurrency 16 runs again, against the empty pool just before.
+padded batch of 16, on the float32 model (and once on the int4 weights). The server runs
+twice: first with float32 weights (`lm.weights: float`, concurrency 1 and 16: what the
+engine alone gains), then with its default weights (`auto`: int4 for the bundled 4-bit
+model) at concurrency 1, 4, 32 and 16; then `--sets` random expert sets x 16 ranks on
+q/k/v/o are hot-loaded through POST /v1/experts and concurrency 16 runs again, against the
+empty pool just before.
 
 The server is started with `serving.launcher.start` on free ports with CLIP off; torch in
 the LM replica uses as many threads as the in-process baselines (`lm.torch_threads`).
@@ -138,10 +142,11 @@ def table(runs: dict[str, Run], args, threads: int) -> str:
     empty = runs["c16"].tokens_per_s
     targets = {"c1": ("one-at-a-time", 1.5), "c16": ("static 16", 1.5), "pool": ("empty", 0.8)}
     lines = [
-        f"{args.tokens}-token greedy completions on SmolLM2-135M-Instruct (fp32, CPU, "
+        f"{args.tokens}-token greedy completions on SmolLM2-135M-Instruct (CPU, "
         f"{os.cpu_count()} cores, torch threads {threads}); server = HTTP -> Ray Serve "
-        "ingress -> 1 LM replica; closed-loop clients. Ratios use the faster of the two "
-        "runs of each baseline.",
+        "ingress -> 1 LM replica, default weights (int4 for this 4-bit model) unless the "
+        "row says float32; closed-loop clients. Ratios are against `generate` on the float32 "
+        "model and use the faster of its two runs.",
         "",
         "| run | tokens/s | tokens/request | active ranks/token | vs generate 1-at-a-time "
         "| vs static batch 16 | vs server empty pool c16 | target |",
@@ -178,64 +183,92 @@ def main() -> None:
 
     bench = engine_benchmark()
     generate_tps, prompt_ids = bench.generate_tps, bench.prompt_ids
-    lm = load_causal_lm()
+    lm = load_causal_lm(weights="float")
     prompts = [prompt_ids(lm.tokenizer, i) for i in range(64)]
     runs: dict[str, Run] = {}
 
-    def baselines(suffix: str, when: str) -> None:
-        print(f"in-process baselines ({when}) ...", flush=True)
-        one = generate_tps(lm, prompts[:4], args.tokens, 1)
-        runs[f"one{suffix}"] = Run(f"generate, one at a time ({when})", one)
-        static = generate_tps(lm, prompts[:16], args.tokens, 16)
-        runs[f"static{suffix}"] = Run(f"generate, static batch 16 ({when})", static)
+    def baselines(suffix: str, when: str, model=lm, weights: str = "float32") -> None:
+        print(f"in-process baselines ({weights}, {when}) ...", flush=True)
+        one = generate_tps(model, prompts[:4], args.tokens, 1)
+        runs[f"one{suffix}"] = Run(f"generate {weights}, one at a time ({when})", one)
+        static = generate_tps(model, prompts[:16], args.tokens, 16)
+        runs[f"static{suffix}"] = Run(f"generate {weights}, static batch 16 ({when})", static)
 
     baselines("", "before the server")
+    baselines("-int4", "before the server", load_causal_lm(weights="int4"), "int4")
     threads = torch.get_num_threads()
 
     root = Path(tempfile.mkdtemp(prefix="mora-bench-"))
     names = save_random_sets(lm, root / "store", args.sets)
 
-    http_port, metrics_port = free_ports(2)
     token = secrets.token_hex(8)
-    cfg = ServerConfig.model_validate(
-        {
-            "port": http_port,
-            "metrics_port": metrics_port,
-            "expert_store": str(root / "store"),
-            "admin_token": token,
-            "lm": {"torch_threads": threads},  # as many as the in-process baselines
-            "clip": {"enabled": False},
-        }
-    ).resolved()
-    base_url = f"http://127.0.0.1:{http_port}"
-    model = cfg.lm.served_name
-    print("starting the server ...", flush=True)
-    launcher.start(cfg)
-    try:
-        measured: dict[str, Run] = {}
+    measured: dict[str, Run] = {}
 
-        def measure(key: str, label: str, concurrency: int) -> None:
-            n = max(2 * concurrency, 4)
-            print(f"{label} ...", flush=True)
-            http_tps(base_url, model, prompts[:1], 8, 1)  # warm-up
-            run = http_tps(base_url, model, prompts[:n], args.tokens, concurrency)
-            run.label = label
-            measured[key] = run
+    def serve(weights: str, plan: list[tuple[str, str, int]], *, load_sets: bool) -> None:
+        http_port, metrics_port = free_ports(2)
+        cfg = ServerConfig.model_validate(
+            {
+                "port": http_port,
+                "metrics_port": metrics_port,
+                "expert_store": str(root / "store"),
+                "admin_token": token,
+                # as many torch threads as the in-process baselines
+                "lm": {"torch_threads": threads, "weights": weights},
+                "clip": {"enabled": False},
+            }
+        ).resolved()
+        base_url = f"http://127.0.0.1:{http_port}"
+        model = cfg.lm.served_name
+        print(f"starting the server (weights: {weights}) ...", flush=True)
+        launcher.start(cfg)
+        try:
 
-        for c in (1, 4, 32, 16):  # 16 last: the empty-pool reference for the pool run
-            measure(f"c{c}", f"server, concurrency {c}", c)
-        admin = {"Authorization": f"Bearer {token}"}
-        for name in names:
-            response = httpx.post(
-                f"{base_url}/v1/experts", json={"path": name}, headers=admin, timeout=120
-            )
-            response.raise_for_status()
-        measure("pool", f"server, concurrency 16, {args.sets} sets x {RANK} ranks", 16)
-    finally:
-        launcher.stop()
+            def measure(key: str, label: str, concurrency: int) -> None:
+                n = max(2 * concurrency, 4)
+                print(f"{label} ...", flush=True)
+                http_tps(base_url, model, prompts[:1], 8, 1)  # warm-up
+                run = http_tps(base_url, model, prompts[:n], args.tokens, concurrency)
+                run.label = label
+                measured[key] = run
+
+            for key, label, concurrency in plan:
+                measure(key, label, concurrency)
+            if load_sets:
+                admin = {"Authorization": f"Bearer {token}"}
+                for name in names:
+                    response = httpx.post(
+                        f"{base_url}/v1/experts", json={"path": name}, headers=admin, timeout=120
+                    )
+                    response.raise_for_status()
+                measure("pool", f"server, concurrency 16, {args.sets} sets x {RANK} ranks", 16)
+        finally:
+            launcher.stop()
+
+    serve(
+        "float",
+        [(f"f{c}", f"server float32, concurrency {c}", c) for c in (1, 16)],
+        load_sets=False,
+    )
+    # 16 last: the empty-pool reference for the pool run
+    plan = [(f"c{c}", f"server, concurrency {c}", c) for c in (1, 4, 32, 16)]
+    serve("auto", plan, load_sets=True)
     baselines("-after", "after the server")
     runs.update(measured)
-    order = ("one", "one-after", "static", "static-after", "c1", "c4", "c16", "c32", "pool")
+    order = (
+        "one",
+        "one-after",
+        "static",
+        "static-after",
+        "one-int4",
+        "static-int4",
+        "f1",
+        "f16",
+        "c1",
+        "c4",
+        "c16",
+        "c32",
+        "pool",
+    )
     text = table({key: runs[key] for key in order}, args, threads)
     print("\n" + text)
     args.out.parent.mkdir(parents=True, exist_ok=True)

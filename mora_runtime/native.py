@@ -56,25 +56,23 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
 
 
-def _build_key(compiler: str) -> str:
-    try:
-        version = subprocess.run(
-            [compiler, "--version"], capture_output=True, text=True, timeout=30
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        version = compiler
-    digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), version.encode(), platform.machine().encode(), *_FLAGS):
-        digest.update(part if isinstance(part, bytes) else part.encode())
+def _build_key() -> str:
+    # Plain C with a C ABI: the source, flags and machine decide the library, not the
+    # compiler's version, so a cache built elsewhere (an image's build stage) is reused.
+    digest = hashlib.sha256(SOURCE.read_bytes())
+    for part in (platform.machine(), *_FLAGS):
+        digest.update(part.encode())
     return digest.hexdigest()[:16]
 
 
 def build(force: bool = False) -> Path | None:
-    """Compile the kernel into the cache (once); returns the library path, None if no compiler."""
+    """Compile the kernel into the cache (once); returns the library path, or None when it
+    is not built and no C compiler is found."""
+    target = cache_dir() / "native" / f"mora_route-{_build_key()}"
     compiler = _compiler()
     if compiler is None:
-        return None
-    target = cache_dir() / "native" / f"mora_route-{_build_key(compiler)}"
+        library = target / LIBRARY_NAME
+        return library if not force and _is_built(target) else None
 
     def compile_into(staging: Path) -> dict[str, Any]:
         command = [compiler, *_FLAGS, "-o", str(staging / LIBRARY_NAME), str(SOURCE), "-lm"]
@@ -83,13 +81,12 @@ def build(force: bool = False) -> Path | None:
             raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr.strip()}")
         return {"compiler": compiler, "flags": list(_FLAGS)}
 
-    materialize(
-        target,
-        lambda t: read_marker(t) is not None and (t / LIBRARY_NAME).is_file(),
-        compile_into,
-        force=force,
-    )
+    materialize(target, _is_built, compile_into, force=force)
     return target / LIBRARY_NAME
+
+
+def _is_built(target: Path) -> bool:
+    return read_marker(target) is not None and (target / LIBRARY_NAME).is_file()
 
 
 def enabled() -> bool:
