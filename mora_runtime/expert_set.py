@@ -35,7 +35,7 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MODULE_PATH_PATTERN = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 # Elements of each weight that enter the fingerprint hash: enough to tell two checkpoints of
 # one architecture apart, cheap enough to hash a 135M model in well under 50 ms.
-FINGERPRINT_SAMPLE = 64
+_FINGERPRINT_SAMPLE = 64
 
 ModuleShapes = Mapping[str, tuple[int, int]]
 Fingerprint = Mapping[str, Any]
@@ -276,7 +276,7 @@ class ExpertSet:
 def _weight_sample(weight: Tensor) -> bytes:
     if weight.is_meta:
         return b"meta"
-    flat = weight.detach().reshape(-1)[:FINGERPRINT_SAMPLE]
+    flat = weight.detach().reshape(-1)[:_FINGERPRINT_SAMPLE]
     # Rounded through bfloat16 so a model served in bf16 matches the fp32 one it was learned on
     # (both round to the same bf16 values); still tells different checkpoints apart.
     flat = flat.to(device="cpu", dtype=torch.bfloat16).to(torch.float32)
@@ -303,10 +303,7 @@ def base_fingerprint(model: torch.nn.Module, modules: ModuleShapes) -> dict[str,
         module = model.get_submodule(path)
         # A patched layer keeps the frozen original as `base_layer` (mora_runtime.patching).
         module = getattr(module, "base_layer", module)
-        # A quantised layer (mora_runtime.quantize) keeps a sample of its float weights.
-        weight = getattr(module, "fingerprint_sample", None)
-        if weight is None:
-            weight = getattr(module, "weight", None)
+        weight = getattr(module, "weight", None)
         if not isinstance(weight, Tensor):
             raise ValueError(f"module {path!r} has no weight tensor to fingerprint")
         digest.update(path.encode() + b"\0" + _weight_sample(weight))

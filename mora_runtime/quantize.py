@@ -11,7 +11,15 @@ kernel. The output layer (Q8_0 in the GGUF) becomes `Int8Linear`: per-output-cha
 Both kernels take bfloat16 activations (their float32 paths are not vectorised): inputs are
 rounded to bfloat16 for the product and outputs come back in the model's dtype, so
 norms, attention, the KV cache, the residual stream and the MoRA experts stay float32.
-What that costs in accuracy is measured by `benchmarks/engine.py --quality`.
+What that costs in accuracy is measured by `benchmarks/engine.py`.
+
+The quantised layers keep the float weight they were made from (the same tensor, no copy)
+and use it for inputs of more than one position per row: a prompt's prefill. The int4
+kernel is compute-bound there (1.6-2.4x slower than float32 GEMM for 35-560 prompt tokens
+on this machine), while decoding (one position per sequence) is bound by reading weights,
+where 4 bits win. The choice depends on the input's shape only, never on what else is in
+the batch, so a request's tokens come out the same whatever it is batched with, and HF
+`generate` on the same model makes the same choice.
 
 Only for the CPU: CUDA serves the model's own dtype (bfloat16 by default).
 
@@ -26,8 +34,6 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
-
-from .expert_set import FINGERPRINT_SAMPLE
 
 logger = logging.getLogger(__name__)
 
@@ -47,20 +53,26 @@ def int4_supported(device: torch.device | str = "cpu") -> bool:
 
 
 class QuantizedLinear(nn.Module):
-    """Shared by the quantised layers: shapes, bias, and what fingerprints read."""
+    """Shared by the quantised layers: shapes, the float weight and bias, the prefill path.
+
+    Keeping `weight` also keeps the base model's fingerprint (expert_set.base_fingerprint):
+    expert sets learned on the float checkpoint load onto the quantised one."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         weight = linear.weight.detach()
-        bias = linear.bias.detach().clone() if linear.bias is not None else None
-        self.register_buffer("bias", bias)
-        # Expert sets name the float checkpoint they were learned on; fingerprints sample the
-        # first weights, so keep those as they were (expert_set.base_fingerprint reads this).
-        self.register_buffer(
-            "fingerprint_sample", weight.reshape(-1)[:FINGERPRINT_SAMPLE].float().clone()
-        )
+        self.register_buffer("weight", weight)  # the float weight, for prefill (see above)
+        self.register_buffer("bias", linear.bias.detach() if linear.bias is not None else None)
+        self.prefill_float = True
+
+    def _use_float(self, x: Tensor) -> bool:
+        # [..., positions, K] with more than one position per row: a prompt's prefill.
+        return self.prefill_float and x.dim() >= 2 and x.shape[-2] > 1
+
+    def _float_forward(self, x: Tensor) -> Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
 
     def _finish(self, y: Tensor, x: Tensor) -> Tensor:
         y = y.to(x.dtype)
@@ -97,6 +109,8 @@ class Int4Linear(QuantizedLinear):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._use_float(x):
+            return self._float_forward(x)
         x2 = x.reshape(-1, self.in_features).to(_COMPUTE_DTYPE)  # [T, K]
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x2, self.packed, self.group_size, self.scales_zeros
@@ -128,9 +142,19 @@ class Int8Linear(QuantizedLinear):
         return type(linear) is nn.Linear
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._use_float(x):
+            return self._float_forward(x)
         x2 = x.reshape(-1, self.in_features).to(_COMPUTE_DTYPE)  # [T, K]
         y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)  # [T, O]
         return self._finish(y, x)
+
+
+def set_prefill_float(model: nn.Module, enabled: bool) -> None:
+    """Whether the quantised layers of `model` use their float weights for prefill (default);
+    off, every input takes the quantised kernels (to measure them, e.g. in benchmarks)."""
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            module.prefill_float = enabled
 
 
 def quantize_int4(weight: Tensor, group_size: int = GROUP_SIZE) -> tuple[Tensor, Tensor, Tensor]:

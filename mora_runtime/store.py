@@ -29,8 +29,8 @@ from torch import Tensor
 
 # Re-exported: callers use the store as the one entry point to expert sets.
 from mora_runtime.expert_set import (  # noqa: F401
+    _FINGERPRINT_SAMPLE,
     _JSON_FIELDS,
-    FINGERPRINT_SAMPLE,
     FLOAT_DTYPES,
     FORMAT,
     FORMAT_VERSION,

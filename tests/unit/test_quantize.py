@@ -20,10 +20,11 @@ from mora_runtime.quantize import (
     int4_supported,
     quantize_int4,
     quantize_model,
+    set_prefill_float,
 )
 from mora_runtime.sampling import SamplingParams
 
-from .test_engine import hf_greedy, prompts, run_concurrently, tiny_llama, tokens
+from .test_engine import prompts, run_concurrently, tiny_llama, tokens
 from .test_patching import random_set
 
 
@@ -60,18 +61,26 @@ def test_int4_brings_a_q4_1_grid_back_exactly():
 
 
 @pytest.mark.parametrize("kind", ["int4", "int8"])
-def test_quantized_layer_multiplies_by_its_weight_in_bfloat16(kind):
+def test_decode_takes_the_quantised_kernel_and_prefill_the_float_weight(kind):
     weight, _ = q4_1_weight(48, 64, seed=1)
     linear = linear_with(weight)
     layer = Int4Linear(linear) if kind == "int4" else Int8Linear(linear)
-    x = torch.randn(5, 3, 64, generator=torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(2)
+    decode = torch.randn(5, 1, 64, generator=g)  # one position per sequence
+    prefill = torch.randn(2, 7, 64, generator=g)
     with torch.inference_mode():
-        y = layer(x)
-        want = linear(x)
+        y = layer(decode)
+        want = linear(decode)
+        assert torch.equal(layer(prefill), linear(prefill))
+        set_prefill_float(layer, False)
+        prefill_quantised = layer(prefill)
     assert y.shape == want.shape and y.dtype == torch.float32
     # bfloat16 inputs and outputs: about 3 significant digits
     torch.testing.assert_close(y, want, rtol=0.03, atol=0.03 * want.abs().max().item())
     assert not torch.equal(y, want)  # it really is the quantised path
+    assert not torch.equal(prefill_quantised, linear(prefill))
+    rows = torch.cat([layer(prefill[:, i : i + 1]) for i in range(7)], dim=1)
+    assert torch.equal(prefill_quantised, rows)  # the kernels are batch-invariant
 
 
 def on_a_4bit_grid(model: nn.Module) -> nn.Module:
@@ -96,6 +105,7 @@ def test_quantize_model_replaces_block_linears_and_the_head_only():
     assert type(model.model.embed_tokens) is nn.Embedding
     assert torch.equal(model.model.embed_tokens.weight, float_model.model.embed_tokens.weight)
     batch = torch.tensor(prompts(4, seed=3)[3:4] * 2)
+    set_prefill_float(model, False)  # measure the quantised kernels on every position
     with torch.inference_mode():
         got = model(batch).logits.log_softmax(-1)
         want = float_model(batch).logits.log_softmax(-1)
@@ -130,21 +140,49 @@ def test_empty_pool_on_quantised_weights_is_bit_exact_and_experts_apply():
     assert not torch.allclose(after, before)
 
 
-def test_engine_on_int4_weights_equals_generate_alone_and_batched():
+def reference_scores(model, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
+    """HF greedy tokens and the logits [n, V] each was picked from."""
+    ids = torch.tensor([prompt])
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=n,
+        do_sample=False,
+        pad_token_id=0,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    return out.sequences[0, len(prompt) :].tolist(), torch.cat(out.logits)
+
+
+def test_engine_on_int4_weights_follows_greedy_alone_and_batched():
+    """Alone, the engine takes the same kernels as `generate` and matches it token for token.
+    Batched, prompts prefill together in float32 (left-padded, other GEMM shapes), and the
+    bfloat16 rounding in front of the int4 kernel can turn last-bit differences into a
+    different pick: allowed only where the reference itself was a near tie."""
     model = tiny_llama()
     quantize_model(model)
     engine = Engine(model, eos_token_ids=(), max_context=256)
     engine.start()
     try:
         greedy = SamplingParams(max_tokens=10, temperature=0.0)
-        batch = prompts(5, seed=7)
-        want = [hf_greedy(model, p, 10) for p in batch]
+        batch = prompts(12, seed=7)
         alone = [tokens(engine.generate(p, greedy)) for p in batch]
         together = [tokens(ev) for ev in run_concurrently(engine, [(p, greedy) for p in batch])]
     finally:
         engine.shutdown()
-    assert alone == want
-    assert together == want
+    identical = 0
+    for prompt, got_alone, got_together in zip(batch, alone, together, strict=True):
+        want, logits = reference_scores(model, prompt, 10)
+        assert got_alone == want
+        if got_together == want:
+            identical += 1
+            continue
+        at = next(i for i, (a, b) in enumerate(zip(got_together, want, strict=True)) if a != b)
+        top2 = logits[at].topk(2).values
+        assert got_together[at] in logits[at].topk(2).indices.tolist()
+        assert top2[0] - top2[1] < 0.05 * top2[0].abs(), (at, top2)
+    assert identical >= len(batch) - 2
 
 
 def test_auto_quantises_only_what_was_4bit_at_its_source(tiny_llama_dir):
