@@ -9,8 +9,9 @@ and the same on the int4 weights the server serves by default), the engine at co
 `--sets` expert sets x 16 ranks on q/k/v/o. Ratios are against runs in this process.
 
 It also measures what int4 weights cost in accuracy against the float32 model on a fixed
-text (mean KL of next-token distributions, top-1 agreement, perplexity) and how many greedy
-tokens the two agree on before they first differ.
+text, every position through the int4 kernels (mean KL of next-token distributions, top-1
+agreement, perplexity), and how many greedy tokens the served int4 model (float prefill,
+int4 decode) agrees on with the float32 one before they first differ.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from mora_runtime.engine import Engine, EngineConfig, TokenEvent
 from mora_runtime.lm import LoadedLM, load_causal_lm
 from mora_runtime.patching import patch_model, unpatch_model
+from mora_runtime.quantize import set_prefill_float
 from mora_runtime.sampling import SamplingParams
 
 RESULTS = Path(__file__).resolve().parent / "results" / "engine.md"
@@ -135,7 +137,9 @@ def quality(reference: LoadedLM, other: LoadedLM, tokens: int) -> dict[str, floa
     how many greedy tokens of the chat prompts they agree on before the first difference."""
     ids = reference.tokenizer(QUALITY_TEXT, return_tensors="pt")["input_ids"]
     ref = reference.model(ids).logits[0, :-1].float().log_softmax(-1)  # [n, V]
+    set_prefill_float(other.model, False)  # every position through the int4 kernels
     got = other.model(ids).logits[0, :-1].float().log_softmax(-1)
+    set_prefill_float(other.model, True)
     targets = ids[0, 1:]
     prefixes = []
     for i in range(len(QUESTIONS)):

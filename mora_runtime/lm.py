@@ -172,18 +172,20 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 def resolve_weights(requested: WeightFormat, model_dir: Path, device: torch.device) -> str:
     """The weight format to serve: "auto" is int4 for a model that is 4-bit at its source (the
-    bundled GGUF) on a CPU with the int4 kernels, else float (a float checkpoint is never
-    quantised unless asked for)."""
+    bundled GGUF) on a CPU that has the quantised kernels, else float (a float checkpoint is
+    never quantised unless asked for)."""
     if requested == "float":
         return "float"
-    supported = int4_supported(device)
     if requested == "int4":
-        if not supported:
-            raise ValueError(f"int4 weights need a CPU and torch's int4 kernels (device {device})")
+        if not int4_supported(device):
+            raise ValueError(
+                f"int4 weights need an x86-64 CPU with AVX2 and FMA (device {device}); "
+                "use weights: float"
+            )
         return "int4"
     marker = read_marker(model_dir) or {}
     from_4bit = str(marker.get("source", "")).upper().endswith(_FOUR_BIT_SOURCES)
-    return "int4" if supported and from_4bit else "float"
+    return "int4" if from_4bit and int4_supported(device) else "float"
 
 
 def load_causal_lm(
@@ -195,8 +197,8 @@ def load_causal_lm(
 ) -> LoadedLM:
     """Load a local HF causal-LM directory (None: the default, prepared first if needed).
 
-    `weights`: "float" keeps the checkpoint's weights in `dtype`; "int4" quantises the
-    linear layers for the CPU (`mora_runtime.quantize`); "auto" picks (`resolve_weights`).
+    `weights`: "float" keeps the checkpoint's weights in `dtype`; "int4" serves the linear
+    layers 4-bit on the CPU (`mora_runtime.quantize`); "auto" picks (`resolve_weights`).
     Training needs "float"; serving uses "auto".
     """
     from transformers import AutoTokenizer

@@ -11,7 +11,7 @@ It serves CPU float32 inference only; CUDA, other dtypes and training use the te
 (`experts.route` / `apply_values`), which the tests hold to the same reference. With no C
 compiler, or `MORA_NATIVE=0`, everything uses the tensor path.
 
-The library is cached under `$MORA_CACHE/native/<hash of source, compiler, platform>/`.
+The library is cached under `$MORA_CACHE/native/<hash of source, flags, platform>/`.
 """
 
 from __future__ import annotations

@@ -1,55 +1,153 @@
-"""Weight-only quantised linear layers for CPU serving (`weights: int4`).
+"""Block-quantised linear layers for CPU serving (`weights: int4`).
 
 A decode step of a small LM on a CPU is bound by reading the weights: SmolLM2-135M in
-float32 is 540 MB per token for a batch of one. Its bundled GGUF is 4-bit already (Q4_1:
-per block of 32 inputs a scale and a minimum), so the float32 copy set-up makes is that
-4-bit grid written out at 8x the size. `Int4Linear` stores it back as 4-bit integers in
-groups of 32 along the input, asymmetric (scale + minimum), which reproduces a Q4_1 grid
-exactly (up to the bfloat16 precision of its scales), and multiplies with torch's CPU int4
-kernel. The output layer (Q8_0 in the GGUF) becomes `Int8Linear`: per-output-channel int8.
+float32 is 540 MB per step. Its bundled GGUF is 4-bit already (Q4_1: per block of 32 inputs
+a scale d and a minimum m, w = d * n + m with n in 0..15; the output layer Q8_0), so the
+float32 copy set-up writes is that grid at 8x the size. `Q4Linear` stores it back in the
+GGUF's own layout and `Q8Linear` does the same for the output layer; re-quantising the
+float32 copy finds the very same grid (each block's minimum maps to 0 and its maximum to
+15, resp. +-127), with float32 scales, so the weights are exactly the GGUF's.
 
-Both kernels take bfloat16 activations (their float32 paths are not vectorised): inputs are
-rounded to bfloat16 for the product and outputs come back in the model's dtype, so
-norms, attention, the KV cache, the residual stream and the MoRA experts stay float32.
-What that costs in accuracy is measured by `benchmarks/engine.py`.
+The products run in csrc/quant_gemm.cpp: activations are quantised per block of 32 to 8
+bits on the fly and multiplied with integer dot products, as llama.cpp does for these
+formats. Norms, attention, the KV cache, the residual stream and the MoRA experts stay
+float32. `benchmarks/engine.py` measures what the 8-bit activations cost in accuracy.
 
-The quantised layers keep the float weight they were made from (the same tensor, no copy)
-and use it for inputs of more than one position per row: a prompt's prefill. The int4
-kernel is compute-bound there (1.6-2.4x slower than float32 GEMM for 35-560 prompt tokens
-on this machine), while decoding (one position per sequence) is bound by reading weights,
-where 4 bits win. The choice depends on the input's shape only, never on what else is in
-the batch, so a request's tokens come out the same whatever it is batched with, and HF
-`generate` on the same model makes the same choice.
+The layers keep the float weight they were made from (the same tensor: no copy) for inputs
+with more than one position per row, a prompt's prefill: there the integer kernel is
+compute-bound and float32 GEMM is faster (2.2x for 16 prompts of 35 tokens here), while a
+decode step (one position per sequence) is bound by reading weights, where 4 bits win. The
+choice depends on the input's shape only, never on what else is in the batch, so a request
+gets the same arithmetic whatever it is batched with, and HF `generate` on the same model
+makes the same choice. The kernels need x86-64 with AVX2 and FMA; elsewhere, and on CUDA,
+models keep float weights.
 
-Only for the CPU: CUDA serves the model's own dtype (bfloat16 by default).
-
-Shape legend: O = out features, K = in features, G = K / group size.
+Shape legend: T = tokens, O = out features, K = in features, G = K / 32 blocks.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
-from collections.abc import Iterable
-from typing import Literal
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from .paths import cache_dir
+
 logger = logging.getLogger(__name__)
 
 WeightFormat = Literal["auto", "float", "int4"]
-GROUP_SIZE = 32
-_COMPUTE_DTYPE = torch.bfloat16
-_INT4_OUT_MULTIPLE = 16  # the packing kernel's requirement on O
+BLOCK = 32
+SOURCE = Path(__file__).parent / "csrc" / "quant_gemm.cpp"
+_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c")
+
+
+# --- the kernels ---------------------------------------------------------------------------------
+
+
+def _cpu_has_avx2() -> bool:
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        return False
+    is_x86 = platform.machine().lower() in ("x86_64", "amd64")
+    return is_x86 and capability in ("AVX2", "AVX512")
+
+
+@functools.lru_cache(maxsize=1)
+def kernels() -> Any | None:
+    """The compiled module (`q4_1_linear`, `q8_0_linear`), or None when this machine cannot
+    have it. Compiles on first use (about a minute, once per source and torch version).
+
+    A torch C++ extension rather than a plain C library like the routing kernel: it splits
+    its work with torch's own thread pool, where threads of its own would fight torch's for
+    the cores."""
+    if not _cpu_has_avx2():
+        return None
+    import ninja
+    from torch.utils.cpp_extension import load
+
+    # torch runs `ninja` from PATH; the pinned one lives next to this interpreter's packages.
+    if ninja.BIN_DIR not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    digest = hashlib.sha256(SOURCE.read_bytes())
+    for part in (torch.__version__, platform.machine(), *_FLAGS):
+        digest.update(part.encode())
+    key = digest.hexdigest()[:16]
+    directory = cache_dir() / "native" / f"quant-{key}"
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        # torch's loader locks the directory, so replicas starting together build once.
+        return load(
+            name=f"mora_quant_{key}",
+            sources=[str(SOURCE)],
+            extra_cflags=list(_FLAGS),
+            build_directory=str(directory),
+            verbose=False,
+        )
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        logger.warning("quantised kernels unavailable (%s): weights stay float", error)
+        return None
 
 
 def int4_supported(device: torch.device | str = "cpu") -> bool:
-    """Whether torch here has the CPU int4/int8 weight-only kernels (and `device` is a CPU)."""
-    return (
-        torch.device(device).type == "cpu"
-        and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
-        and hasattr(torch.ops.aten, "_weight_int8pack_mm")
-    )
+    """Whether `int4` weights can be served on `device` (a CPU with the kernels built)."""
+    return torch.device(device).type == "cpu" and kernels() is not None
+
+
+# --- packing -------------------------------------------------------------------------------------
+
+
+def pack_q4_1(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """[O, K] float -> (nibbles [O, K/2] uint8, d [O, G], m [O, G]) in GGUF's Q4_1 layout:
+    byte j of a block holds input j (low nibble) and input j + 16 (high nibble)."""
+    out_features, in_features = weight.shape
+    blocks = weight.detach().float().reshape(out_features, in_features // BLOCK, BLOCK)
+    minimum = blocks.amin(dim=-1)  # [O, G]
+    d = (blocks.amax(dim=-1) - minimum) / 15
+    safe = torch.where(d > 0, d, torch.ones_like(d))  # a constant block: every n is 0
+    n = torch.round((blocks - minimum[..., None]) / safe[..., None]).clamp(0, 15).to(torch.uint8)
+    nibbles = n[..., :16] | (n[..., 16:] << 4)  # [O, G, 16]
+    return nibbles.reshape(out_features, in_features // 2).contiguous(), d, minimum
+
+
+def unpack_q4_1(nibbles: Tensor, d: Tensor, m: Tensor) -> Tensor:
+    """The [O, K] float32 weight a Q4_1 layer multiplies by."""
+    blocks = nibbles.reshape(*d.shape, 16)
+    n = torch.cat([blocks & 0x0F, blocks >> 4], dim=-1).float()  # [O, G, 32]
+    return (n * d[..., None] + m[..., None]).reshape(d.shape[0], -1)
+
+
+def pack_q8_0(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """[O, K] float -> (w8 [O, K] int8, d [O, G]) in GGUF's Q8_0 form: w = d * w8."""
+    out_features, in_features = weight.shape
+    blocks = weight.detach().float().reshape(out_features, in_features // BLOCK, BLOCK)
+    d = blocks.abs().amax(dim=-1) / 127  # [O, G]
+    safe = torch.where(d > 0, d, torch.ones_like(d))
+    w8 = torch.round(blocks / safe[..., None]).clamp(-127, 127).to(torch.int8)
+    return w8.reshape(out_features, in_features).contiguous(), d
+
+
+def unpack_q8_0(w8: Tensor, d: Tensor) -> Tensor:
+    return (w8.reshape(*d.shape, BLOCK).float() * d[..., None]).reshape(w8.shape)
+
+
+def quantize_activations(x: Tensor) -> Tensor:
+    """What the kernels multiply by: x [T, K] rounded to 8 bits per block of 32 (float32)."""
+    blocks = x.float().reshape(x.shape[0], -1, BLOCK)  # [T, G, 32]
+    s = blocks.abs().amax(dim=-1, keepdim=True) / 127
+    q = torch.round(blocks / torch.where(s > 0, s, torch.ones_like(s)))
+    return (q * s).reshape(x.shape)
+
+
+# --- layers --------------------------------------------------------------------------------------
 
 
 class QuantizedLinear(nn.Module):
@@ -60,93 +158,72 @@ class QuantizedLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
+        if linear.in_features % BLOCK:
+            raise ValueError(f"in_features must be a multiple of {BLOCK}")
         self.in_features = linear.in_features
         self.out_features = linear.out_features
-        weight = linear.weight.detach()
-        self.register_buffer("weight", weight)  # the float weight, for prefill (see above)
+        self.register_buffer("weight", linear.weight.detach())  # for prefill (see above)
         self.register_buffer("bias", linear.bias.detach() if linear.bias is not None else None)
         self.prefill_float = True
 
-    def _use_float(self, x: Tensor) -> bool:
+    @staticmethod
+    def accepts(linear: nn.Module) -> bool:
+        return type(linear) is nn.Linear and linear.in_features % BLOCK == 0
+
+    def forward(self, x: Tensor) -> Tensor:
         # [..., positions, K] with more than one position per row: a prompt's prefill.
-        return self.prefill_float and x.dim() >= 2 and x.shape[-2] > 1
-
-    def _float_forward(self, x: Tensor) -> Tensor:
-        return nn.functional.linear(x, self.weight, self.bias)
-
-    def _finish(self, y: Tensor, x: Tensor) -> Tensor:
-        y = y.to(x.dtype)
+        if self.prefill_float and x.dim() >= 2 and x.shape[-2] > 1:
+            return nn.functional.linear(x, self.weight, self.bias)
+        x2 = x.reshape(-1, self.in_features).float().contiguous()  # [T, K]
+        y = self._product(x2).to(x.dtype)  # [T, O]
         if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
+            y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _product(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def dequantized(self) -> Tensor:
+        """[O, K] float32: the weight the kernel multiplies by."""
+        raise NotImplementedError
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
-class Int4Linear(QuantizedLinear):
-    """Semantics: y = x W^T + b, W[o, g*32 + j] = scale[g, o] * q + minimum[g, o], q in 0..15.
-
-    packed: torch's int4 layout of q; scales_zeros [G, O, 2] bf16 holds (scale, minimum +
-    8 * scale), the kernel's form of the same affine map.
-    """
-
-    def __init__(self, linear: nn.Linear, group_size: int = GROUP_SIZE) -> None:
-        super().__init__(linear)
-        self.group_size = group_size
-        q, scale, minimum = quantize_int4(linear.weight.detach().float(), group_size)
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
-        zeros = minimum + 8 * scale
-        scales_zeros = torch.stack([scale.t(), zeros.t()], dim=-1)  # [G, O, 2]
-        self.register_buffer("scales_zeros", scales_zeros.to(_COMPUTE_DTYPE).contiguous())
-
-    @staticmethod
-    def accepts(linear: nn.Module, group_size: int = GROUP_SIZE) -> bool:
-        return (
-            type(linear) is nn.Linear
-            and linear.in_features % group_size == 0
-            and linear.out_features % _INT4_OUT_MULTIPLE == 0
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self._use_float(x):
-            return self._float_forward(x)
-        x2 = x.reshape(-1, self.in_features).to(_COMPUTE_DTYPE)  # [T, K]
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x2, self.packed, self.group_size, self.scales_zeros
-        )  # [T, O]
-        return self._finish(y, x)
-
-    def dequantized(self) -> Tensor:
-        """[O, K] float32: the weight the kernel multiplies by (for tests and checks)."""
-        eye = torch.eye(self.in_features, dtype=_COMPUTE_DTYPE)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            eye, self.packed, self.group_size, self.scales_zeros
-        )  # [K, O]
-        return out.float().t().contiguous()
-
-
-class Int8Linear(QuantizedLinear):
-    """Semantics: y = x W^T + b, W[o, k] = scale[o] * q[o, k], q in -127..127."""
+class Q4Linear(QuantizedLinear):
+    """Semantics: y = x W^T + b with W[o, 32 g + j] = d[o, g] * n + m[o, g], n in 0..15,
+    x quantised to 8 bits per block of 32 (`quantize_activations`)."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__(linear)
-        weight = linear.weight.detach().float()
-        scale = weight.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127  # [O]
-        q = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)  # [O, K]
-        self.register_buffer("qweight", q)
-        self.register_buffer("scales", scale.to(_COMPUTE_DTYPE))
+        nibbles, d, m = pack_q4_1(linear.weight)
+        self.register_buffer("nibbles", nibbles)  # [O, K/2]
+        self.register_buffer("d", d.contiguous())  # [O, G]
+        self.register_buffer("m", m.contiguous())  # [O, G]
 
-    @staticmethod
-    def accepts(linear: nn.Module) -> bool:
-        return type(linear) is nn.Linear
+    def _product(self, x: Tensor) -> Tensor:
+        return kernels().q4_1_linear(x, self.nibbles, self.d, self.m)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self._use_float(x):
-            return self._float_forward(x)
-        x2 = x.reshape(-1, self.in_features).to(_COMPUTE_DTYPE)  # [T, K]
-        y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)  # [T, O]
-        return self._finish(y, x)
+    def dequantized(self) -> Tensor:
+        return unpack_q4_1(self.nibbles, self.d, self.m)
+
+
+class Q8Linear(QuantizedLinear):
+    """Semantics: y = x W^T + b with W[o, 32 g + j] = d[o, g] * w8, w8 in -127..127,
+    x quantised to 8 bits per block of 32."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__(linear)
+        w8, d = pack_q8_0(linear.weight)
+        self.register_buffer("w8", w8)  # [O, K]
+        self.register_buffer("d", d.contiguous())  # [O, G]
+
+    def _product(self, x: Tensor) -> Tensor:
+        return kernels().q8_0_linear(x, self.w8, self.d)
+
+    def dequantized(self) -> Tensor:
+        return unpack_q8_0(self.w8, self.d)
 
 
 def set_prefill_float(model: nn.Module, enabled: bool) -> None:
@@ -157,51 +234,33 @@ def set_prefill_float(model: nn.Module, enabled: bool) -> None:
             module.prefill_float = enabled
 
 
-def quantize_int4(weight: Tensor, group_size: int = GROUP_SIZE) -> tuple[Tensor, Tensor, Tensor]:
-    """Asymmetric 4-bit groups along K: (q [O, K] int32 in 0..15, scale [O, G], min [O, G]).
-
-    A weight already on a 16-level grid per group (a dequantised Q4_1 GGUF) comes back to
-    the same grid: its minimum maps to 0 and its maximum to 15."""
-    out_features, in_features = weight.shape
-    groups = weight.reshape(out_features, in_features // group_size, group_size)  # [O, G, 32]
-    minimum = groups.amin(dim=-1)  # [O, G]
-    scale = (groups.amax(dim=-1) - minimum) / 15
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # constant group: q = 0
-    q = torch.round((groups - minimum[..., None]) / scale[..., None]).clamp(0, 15)
-    return q.reshape(out_features, in_features).to(torch.int32), scale, minimum
-
-
-def quantize_model(model: nn.Module, *, skip: Iterable[str] = ()) -> dict[str, int]:
-    """Replace the model's linears in place: blocks -> Int4Linear, output head -> Int8Linear.
+def quantize_model(model: nn.Module) -> dict[str, int]:
+    """Replace the model's linears in place: blocks -> Q4Linear, output head -> Q8Linear.
 
     The input embedding stays float (an embedding lookup reads one row per token). Layers the
-    int4 kernel cannot take (shapes) keep their float weights. Returns counts per kind.
-    Must run before `patching.patch_model`.
+    kernels cannot take (K not a multiple of 32) keep their float weights. Returns counts
+    per kind. Must run before `patching.patch_model`.
     """
     if not int4_supported():
-        raise RuntimeError(f"torch {torch.__version__} lacks the CPU int4/int8 weight kernels")
-    skipped = set(skip)
+        raise RuntimeError("the quantised kernels need an x86-64 CPU with AVX2 and FMA")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    counts = {"int4": 0, "int8": 0, "float": 0}
+    counts = {"q4_1": 0, "q8_0": 0, "float": 0}
     for path, module in list(model.named_modules()):
-        if path in skipped or not isinstance(module, nn.Linear):
+        if not isinstance(module, nn.Linear):
             continue
-        if module is head:
-            replacement: nn.Module = Int8Linear(module)
-            counts["int8"] += 1
-        elif Int4Linear.accepts(module):
-            replacement = Int4Linear(module)
-            counts["int4"] += 1
-        else:
+        if not QuantizedLinear.accepts(module):
             counts["float"] += 1
             continue
+        kind = "q8_0" if module is head else "q4_1"
+        replacement = Q8Linear(module) if kind == "q8_0" else Q4Linear(module)
+        counts[kind] += 1
         parent_path, _, name = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
         setattr(parent, name, replacement)
     logger.info(
-        "quantised %d linears to int4 and %d to int8; %d stay float",
-        counts["int4"],
-        counts["int8"],
+        "quantised %d linears to Q4_1 and %d to Q8_0; %d stay float",
+        counts["q4_1"],
+        counts["q8_0"],
         counts["float"],
     )
     return counts

@@ -14,13 +14,17 @@ from mora_runtime.lm import load_causal_lm, resolve_weights
 from mora_runtime.materialize import MARKER_FILENAME
 from mora_runtime.patching import find_target_modules, patch_model
 from mora_runtime.quantize import (
-    GROUP_SIZE,
-    Int4Linear,
-    Int8Linear,
+    BLOCK,
+    Q4Linear,
+    Q8Linear,
     int4_supported,
-    quantize_int4,
+    pack_q4_1,
+    pack_q8_0,
+    quantize_activations,
     quantize_model,
     set_prefill_float,
+    unpack_q4_1,
+    unpack_q8_0,
 )
 from mora_runtime.sampling import SamplingParams
 
@@ -29,15 +33,15 @@ from .test_patching import random_set
 
 
 def q4_1_weight(out_features: int, in_features: int, seed: int = 0):
-    """A weight on a Q4_1 grid (per 32 inputs: fp16 scale d and minimum m, w = d * q + m)."""
+    """A weight on a Q4_1 grid (per 32 inputs: fp16 scale d and minimum m, w = d * n + m)."""
     g = torch.Generator().manual_seed(seed)
-    groups = in_features // GROUP_SIZE
+    groups = in_features // BLOCK
     d = (torch.rand(out_features, groups, generator=g) * 0.02 + 1e-3).half().float()
     m = (-torch.rand(out_features, groups, generator=g) * 0.1).half().float()
-    q = torch.randint(0, 16, (out_features, groups, GROUP_SIZE), generator=g)
-    q[..., 0], q[..., 1] = 0, 15  # Q4_1 maps each block's minimum to 0 and maximum to 15
-    weight = (d[..., None] * q + m[..., None]).reshape(out_features, in_features)
-    return weight, q.reshape(out_features, in_features)
+    n = torch.randint(0, 16, (out_features, groups, BLOCK), generator=g)
+    n[..., 0], n[..., 1] = 0, 15  # Q4_1 maps each block's minimum to 0 and maximum to 15
+    weight = (d[..., None] * n + m[..., None]).reshape(out_features, in_features)
+    return weight, n.reshape(out_features, in_features)
 
 
 def linear_with(weight: torch.Tensor, bias: bool = True) -> nn.Linear:
@@ -47,24 +51,46 @@ def linear_with(weight: torch.Tensor, bias: bool = True) -> nn.Linear:
     return layer
 
 
-def test_int4_brings_a_q4_1_grid_back_exactly():
-    weight, q = q4_1_weight(32, 96)
-    got_q, scale, minimum = quantize_int4(weight)
-    assert torch.equal(got_q, q.int())
-    groups = weight.reshape(32, 3, GROUP_SIZE)
-    torch.testing.assert_close(minimum, groups.amin(-1), rtol=0, atol=0)
-    torch.testing.assert_close(scale, (groups.amax(-1) - groups.amin(-1)) / 15)
-    # The kernel keeps scales and zero points (and returns outputs) in bfloat16: the grid
-    # comes back up to that rounding (8 significant bits).
-    err = (Int4Linear(linear_with(weight)).dequantized() - weight).abs().max()
-    assert err <= 2**-6 * weight.abs().max()
+def test_packing_brings_gguf_grids_back():
+    weight, n = q4_1_weight(32, 96)
+    nibbles, d, m = pack_q4_1(weight)
+    assert nibbles.shape == (32, 48) and nibbles.dtype == torch.uint8
+    low, high = nibbles.reshape(32, 3, 16) & 0x0F, nibbles.reshape(32, 3, 16) >> 4
+    assert torch.equal(torch.cat([low, high], -1).reshape(32, 96).long(), n)  # GGUF order
+    torch.testing.assert_close(unpack_q4_1(nibbles, d, m), weight, rtol=1e-6, atol=1e-7)
+
+    g = torch.Generator().manual_seed(1)
+    scale = (torch.rand(8, 3, 1, generator=g) * 0.01).half().float()
+    w8 = torch.randint(-127, 128, (8, 3, BLOCK), generator=g)
+    w8[..., 0] = 127  # Q8_0: d = max|w| / 127
+    q8_weight = (w8 * scale).reshape(8, 96)
+    got_w8, got_d = pack_q8_0(q8_weight)
+    assert torch.equal(got_w8.reshape(8, 3, BLOCK).long(), w8)
+    torch.testing.assert_close(unpack_q8_0(got_w8, got_d), q8_weight, rtol=1e-6, atol=1e-8)
 
 
-@pytest.mark.parametrize("kind", ["int4", "int8"])
+@pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
+@pytest.mark.parametrize("out_features", [1, 48, 49])
+def test_kernels_compute_their_reference(kind, out_features):
+    """The kernel against a readable reference: 8-bit activations times the dequantised
+    weight, for token counts that fill and miss the kernel's tiles."""
+    g = torch.Generator().manual_seed(out_features)
+    linear = linear_with(torch.randn(out_features, 96, generator=g) * 0.1)
+    layer = Q4Linear(linear) if kind == "q4_1" else Q8Linear(linear)
+    for count in (1, 3, 4, 5, 17):
+        x = torch.randn(count, 1, 96, generator=g) * 3  # one position per row: decode
+        with torch.inference_mode():
+            got = layer(x).reshape(count, out_features)
+        want = quantize_activations(x.reshape(count, 96)) @ layer.dequantized().t()
+        want = want + linear.bias.detach()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
 def test_decode_takes_the_quantised_kernel_and_prefill_the_float_weight(kind):
     weight, _ = q4_1_weight(48, 64, seed=1)
     linear = linear_with(weight)
-    layer = Int4Linear(linear) if kind == "int4" else Int8Linear(linear)
+    layer = Q4Linear(linear) if kind == "q4_1" else Q8Linear(linear)
     g = torch.Generator().manual_seed(2)
     decode = torch.randn(5, 1, 64, generator=g)  # one position per sequence
     prefill = torch.randn(2, 7, 64, generator=g)
@@ -74,13 +100,13 @@ def test_decode_takes_the_quantised_kernel_and_prefill_the_float_weight(kind):
         assert torch.equal(layer(prefill), linear(prefill))
         set_prefill_float(layer, False)
         prefill_quantised = layer(prefill)
+        rows = torch.cat([layer(prefill[:, i : i + 1]) for i in range(7)], dim=1)
     assert y.shape == want.shape and y.dtype == torch.float32
-    # bfloat16 inputs and outputs: about 3 significant digits
+    # 8-bit activations per block of 32: within a percent or so of the float product
     torch.testing.assert_close(y, want, rtol=0.03, atol=0.03 * want.abs().max().item())
     assert not torch.equal(y, want)  # it really is the quantised path
     assert not torch.equal(prefill_quantised, linear(prefill))
-    rows = torch.cat([layer(prefill[:, i : i + 1]) for i in range(7)], dim=1)
-    assert torch.equal(prefill_quantised, rows)  # the kernels are batch-invariant
+    assert torch.equal(prefill_quantised, rows)  # a token's result ignores the batch
 
 
 def on_a_4bit_grid(model: nn.Module) -> nn.Module:
@@ -88,20 +114,18 @@ def on_a_4bit_grid(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         for module in model.model.layers.modules():
             if isinstance(module, nn.Linear):
-                q, scale, minimum = quantize_int4(module.weight)
-                grid = q.reshape(*scale.shape, GROUP_SIZE) * scale[..., None] + minimum[..., None]
-                module.weight.copy_(grid.reshape(module.weight.shape))
+                module.weight.copy_(unpack_q4_1(*pack_q4_1(module.weight)))
     return model
 
 
 def test_quantize_model_replaces_block_linears_and_the_head_only():
-    """On a model that is 4-bit at its source, int4 costs only bfloat16 rounding."""
+    """On a model that is 4-bit at its source, int4 costs only the 8-bit activations."""
     model = on_a_4bit_grid(tiny_llama())
     float_model = on_a_4bit_grid(tiny_llama())
     counts = quantize_model(model)
-    assert counts == {"int4": 2 * 7, "int8": 1, "float": 0}
-    assert isinstance(model.lm_head, Int8Linear)
-    assert isinstance(model.model.layers[0].mlp.down_proj, Int4Linear)
+    assert counts == {"q4_1": 2 * 7, "q8_0": 1, "float": 0}
+    assert isinstance(model.lm_head, Q8Linear)
+    assert isinstance(model.model.layers[0].mlp.down_proj, Q4Linear)
     assert type(model.model.embed_tokens) is nn.Embedding
     assert torch.equal(model.model.embed_tokens.weight, float_model.model.embed_tokens.weight)
     batch = torch.tensor(prompts(4, seed=3)[3:4] * 2)
@@ -111,7 +135,7 @@ def test_quantize_model_replaces_block_linears_and_the_head_only():
         want = float_model(batch).logits.log_softmax(-1)
     kl = (want.exp() * (want - got)).sum(-1).mean()
     agree = (got.argmax(-1) == want.argmax(-1)).float().mean()
-    assert kl < 1e-3 and agree >= 0.9, (kl, agree)
+    assert kl < 5e-3 and agree >= 0.9, (kl, agree)
 
 
 def test_expert_sets_of_the_float_model_fit_the_quantised_one():
@@ -158,8 +182,8 @@ def reference_scores(model, prompt: list[int], n: int) -> tuple[list[int], torch
 def test_engine_on_int4_weights_follows_greedy_alone_and_batched():
     """Alone, the engine takes the same kernels as `generate` and matches it token for token.
     Batched, prompts prefill together in float32 (left-padded, other GEMM shapes), and the
-    bfloat16 rounding in front of the int4 kernel can turn last-bit differences into a
-    different pick: allowed only where the reference itself was a near tie."""
+    8-bit rounding of activations in front of the kernel can turn last-bit differences into
+    a different pick: allowed only where the reference itself was a near tie."""
     model = tiny_llama()
     quantize_model(model)
     engine = Engine(model, eos_token_ids=(), max_context=256)
@@ -190,7 +214,7 @@ def test_auto_quantises_only_what_was_4bit_at_its_source(tiny_llama_dir):
     assert resolve_weights("auto", tiny_llama_dir, cpu) == "float"
     assert resolve_weights("float", tiny_llama_dir, cpu) == "float"
     assert resolve_weights("int4", tiny_llama_dir, cpu) == "int4"
-    with pytest.raises(ValueError, match="int4 weights need a CPU"):
+    with pytest.raises(ValueError, match="int4 weights need an x86-64 CPU"):
         resolve_weights("int4", tiny_llama_dir, torch.device("cuda"))
     marker = {"source": "SmolLM2-135M-Instruct.Q4_1.gguf"}
     (tiny_llama_dir / MARKER_FILENAME).write_text(json.dumps(marker))
@@ -202,5 +226,5 @@ def test_auto_quantises_only_what_was_4bit_at_its_source(tiny_llama_dir):
 def test_load_causal_lm_serves_int4_from_a_directory(tiny_llama_dir):
     loaded = load_causal_lm(tiny_llama_dir, device="cpu", weights="int4")
     assert loaded.weights == "int4"
-    assert isinstance(loaded.model.model.layers[0].self_attn.q_proj, Int4Linear)
+    assert isinstance(loaded.model.model.layers[0].self_attn.q_proj, Q4Linear)
     assert load_causal_lm(tiny_llama_dir, device="cpu").weights == "float"
