@@ -200,13 +200,13 @@ class Q4Linear(QuantizedLinear):
         nibbles, d, m = pack_q4_1(linear.weight)
         self.register_buffer("nibbles", nibbles)  # [O, K/2]
         self.register_buffer("d", d.contiguous())  # [O, G]
-        self.register_buffer("m", m.contiguous())  # [O, G]
+        self.register_buffer("m_t", m.t().contiguous())  # [G, O]: the kernel's layout
 
     def _product(self, x: Tensor) -> Tensor:
-        return kernels().q4_1_linear(x, self.nibbles, self.d, self.m)
+        return kernels().q4_1_linear(x, self.nibbles, self.d, self.m_t)
 
     def dequantized(self) -> Tensor:
-        return unpack_q4_1(self.nibbles, self.d, self.m)
+        return unpack_q4_1(self.nibbles, self.d, self.m_t.t())
 
 
 class Q8Linear(QuantizedLinear):

@@ -10,7 +10,8 @@
 // model served from a Q4_1 GGUF computes what llama.cpp computes, on the GGUF's own grid.
 //
 // Layouts: x [T, K] f32; nibbles [O, K/2] u8 where byte j of block b holds input j in its low
-// nibble and input j + 16 in its high nibble (GGUF's order); d, m [O, K/32] f32; w8 [O, K] i8.
+// nibble and input j + 16 in its high nibble (GGUF's order); d [O, K/32] f32 and m
+// transposed, [K/32, O] f32; w8 [O, K] i8.
 // Every token is computed by the same instructions in the same order whatever else is in
 // the batch: results do not depend on the batch size.
 //
@@ -101,7 +102,7 @@ struct Weights {
   const uint8_t* nibbles = nullptr;  // Q4_1: [O, K/2]
   const int8_t* w8 = nullptr;        // Q8_0: [O, K]
   const float* d = nullptr;          // [O, K/32]
-  const float* m = nullptr;          // Q4_1 only: [O, K/32]
+  const float* m = nullptr;          // Q4_1 only, transposed: [K/32, O]
   int64_t K = 0;
   int64_t nb = 0;
 };
@@ -140,15 +141,20 @@ void tile(const Weights& w, const QuantizedActivations& a, int64_t o0, int64_t t
       }
     }
   }
-  for (int r = 0; r < NO; ++r) {
-    for (int i = 0; i < NT; ++i) {
-      float total = hsum(acc[r][i]);
-      if (!Q8) {  // the minimum's term: sum_b m[o, b] * s[t, b] * sum_j q[t, b, j]
-        const float* mrow = w.m + (o0 + r) * w.nb;
-        const float* srow = a.sum.data() + (t0 + i) * w.nb;
-        for (int64_t b = 0; b < w.nb; ++b) total += mrow[b] * srow[b];
-      }
-      out[(t0 + i) * O + o0 + r] = total;
+  for (int r = 0; r < NO; ++r)
+    for (int i = 0; i < NT; ++i) out[(t0 + i) * O + o0 + r] = hsum(acc[r][i]);
+}
+
+// Q4_1's minimum term for outputs [o0, o1): y[t, o] += sum_b m[b, o] * s[t, b] * sum_j q
+// (m transposed to [K/32, O], so the loop over o vectorises).
+void add_minimum_term(const Weights& w, const QuantizedActivations& a, int64_t o0, int64_t o1,
+                      int64_t T, int64_t O, float* out) {
+  for (int64_t t = 0; t < T; ++t) {
+    float* yt = out + t * O;
+    for (int64_t b = 0; b < w.nb; ++b) {
+      const float sb = a.sum[t * w.nb + b];
+      const float* mb = w.m + b * O;
+      for (int64_t o = o0; o < o1; ++o) yt[o] += mb[o] * sb;
     }
   }
 }
@@ -174,27 +180,29 @@ at::Tensor product(const at::Tensor& x, const Weights& w, int64_t O) {
     int64_t o = o_begin;
     for (; o + 2 <= o_end; o += 2) row_tiles<2, Q8>(w, a, o, T, O, out);
     for (; o < o_end; ++o) row_tiles<1, Q8>(w, a, o, T, O, out);
+    if (!Q8) add_minimum_term(w, a, o_begin, o_end, T, O, out);
   });
   return y;
 }
 
 }  // namespace
 
-// y [T, O] = x [T, K] times the Q4_1 weight (nibbles [O, K/2], d and m [O, K/32]) transposed.
+// y [T, O] = x [T, K] times the Q4_1 weight (nibbles [O, K/2], d [O, K/32], m_t [K/32, O])
+// transposed.
 at::Tensor q4_1_linear(const at::Tensor& x, const at::Tensor& nibbles, const at::Tensor& d,
-                       const at::Tensor& m) {
+                       const at::Tensor& m_t) {
   const int64_t O = nibbles.size(0);
   const int64_t K = nibbles.size(1) * 2;
   check_input(x, K, "q4_1_linear");
   TORCH_CHECK(nibbles.scalar_type() == at::kByte && nibbles.is_contiguous(), "nibbles: u8");
-  TORCH_CHECK(d.scalar_type() == at::kFloat && m.scalar_type() == at::kFloat &&
-                  d.is_contiguous() && m.is_contiguous() && d.size(0) == O &&
-                  d.size(1) == K / kBlock && m.sizes() == d.sizes(),
-              "d and m must be contiguous float32 [O, K/32]");
+  TORCH_CHECK(d.scalar_type() == at::kFloat && m_t.scalar_type() == at::kFloat &&
+                  d.is_contiguous() && m_t.is_contiguous() && d.size(0) == O &&
+                  d.size(1) == K / kBlock && m_t.size(0) == K / kBlock && m_t.size(1) == O,
+              "d must be contiguous float32 [O, K/32] and m_t [K/32, O]");
   Weights w;
   w.nibbles = nibbles.data_ptr<uint8_t>();
   w.d = d.data_ptr<float>();
-  w.m = m.data_ptr<float>();
+  w.m = m_t.data_ptr<float>();
   w.K = K;
   w.nb = K / kBlock;
   return product<false>(x, w, O);
