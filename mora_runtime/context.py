@@ -216,6 +216,12 @@ class ForwardContext:
             self._hits = hits = grown
         return hits
 
+    def recording(self, kind: str, layout: Layout) -> tuple[Tensor | None, Tensor | None]:
+        """(`active_row`, `slot_hits`) for one layer, or (None, None) when not recording."""
+        if not self.record:
+            return None, None
+        return self.active_row(kind, layout), self.slot_hits(layout)
+
     def record_routing(self, kind: str, routing: Routing, layout: Layout) -> None:
         """The tensor path's routing of one layer, into the same buffers the kernel fills."""
         row = self.active_row(kind, layout)

@@ -219,7 +219,7 @@ def _native_delta(
         slot_scale=torch.full((z.shape[1],), float(scale)),
         scratch=torch.empty(z.shape[0], dtype=torch.int32),
     )
-    return native.route_apply(args, z, B, out)
+    return args.apply(z, B, out)
 
 
 def _needs_grad(*tensors: Tensor) -> bool:

@@ -153,11 +153,12 @@ class ForwardArgs:
     valid: Tensor | None = None
 
     @functools.cached_property
-    def pointers(self) -> tuple:
-        return (
-            _ptr(self.mask),
-            self.mask.shape[0] if self.mask is not None else 0,
-            _ptr(self.seq),
+    def _call(self) -> tuple[Any, tuple, tuple] | None:
+        library = _library()
+        if library is None:
+            return None
+        head = (_ptr(self.mask), self.mask.shape[0] if self.mask is not None else 0)
+        tail = (
             _ptr(self.seq_top_k),
             self.top_k,
             _ptr(self.seq_threshold),
@@ -166,54 +167,45 @@ class ForwardArgs:
             self.slot_scale.data_ptr(),
             _ptr(self.valid),
         )
+        return library.mora_route_apply, (*head, _ptr(self.seq)), tail
 
+    def apply(
+        self,
+        z: Tensor,
+        B: Tensor,
+        y: Tensor,
+        present: Tensor | None = None,
+        active: Tensor | None = None,
+        hits: Tensor | None = None,
+    ) -> bool:
+        """Semantics: y[t] += scale * sum_{i in kept(t)} w_i(t) * z[t, i] * B[i] (inference).
 
-def route_apply(
-    args: ForwardArgs,
-    z: Tensor,
-    B: Tensor,
-    y: Tensor,
-    *,
-    present: Tensor | None = None,
-    active: Tensor | None = None,
-    hits: Tensor | None = None,
-) -> bool:
-    """Semantics: y[t] += scale * sum_{i in kept(t)} w_i(t) * z[t, i] * B[i] (inference).
-
-    z [T, N] f32, B [N, O] f32, y [T, O] f32 (rows may be strided), updated in place;
-    present [N] bool: the slots this layer has (None: all). Writes active [T] int32 (experts
-    per token; None: into `args.scratch`) and adds activations into hits [S, N] long. Every
-    tensor must be contiguous on the CPU (`supports`). Returns False, changing nothing, when
-    the budget exceeds the kernel's limit or the kernel is off (the caller then takes the
-    tensor path).
-    """
-    library = _library()
-    if library is None:  # turned off since the arguments were made
-        return False
-    mask, mask_rows, seq, seq_top_k, top_k, seq_thr, thr, tau, scale, valid = args.pointers
-    status = library.mora_route_apply(
-        z.data_ptr(),
-        z.shape[0],
-        z.shape[1],
-        B.data_ptr(),
-        B.shape[1],
-        y.data_ptr(),
-        y.stride(0),
-        mask,
-        mask_rows,
-        seq,
-        _ptr(present),
-        seq_top_k,
-        top_k,
-        seq_thr,
-        thr,
-        tau,
-        scale,
-        valid,
-        (args.scratch if active is None else active).data_ptr(),
-        _ptr(hits),
-    )
-    return status == 0
+        z [T, N] f32, B [N, O] f32, y [T, O] f32 (rows may be strided), updated in place;
+        present [N] bool: the slots this layer has (None: all). Writes active [T] int32
+        (experts per token; None: into `scratch`) and adds activations into hits [S, N]
+        long. Every tensor must be contiguous on the CPU (`supports`). Returns False,
+        changing nothing, when the budget exceeds the kernel's limit or the kernel is off
+        (the caller then takes the tensor path).
+        """
+        call = self._call
+        if call is None:
+            return False
+        function, head, tail = call
+        status = function(
+            z.data_ptr(),
+            z.shape[0],
+            z.shape[1],
+            B.data_ptr(),
+            B.shape[1],
+            y.data_ptr(),
+            y.stride(0),
+            *head,
+            _ptr(present),
+            *tail,
+            (self.scratch if active is None else active).data_ptr(),
+            _ptr(hits),
+        )
+        return status == 0
 
 
 def supports(z: Tensor, B: Tensor, y: Tensor) -> bool:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from . import native
 from .context import ForwardContext, Layout
 from .experts import apply_values, effective_top_k, route
-from .pool import ExpertPool, PoolLayer, PoolSnapshot, RoutingConfig
+from .pool import ExpertPool, PoolSnapshot, RoutingConfig
 from .quantize import QuantizedLinear
 
 # Module-name suffixes adapted by default, per model family (MORA_SPEC.md settings).
@@ -93,8 +93,9 @@ class MoRALinear(nn.Module):
         self.base_layer = base_layer
         self.path = path
         self.kind = module_kind(path)
-        # A plain attribute, not a submodule: the pool is shared by every wrapped layer.
+        # Plain attributes, not submodules: the pool is shared by every wrapped layer.
         object.__setattr__(self, "_pool", pool)
+        object.__setattr__(self, "_layer", pool.layers[path])
 
     @property
     def pool(self) -> ExpertPool:
@@ -102,7 +103,7 @@ class MoRALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base_layer(x)
-        pool = self.pool
+        pool = self._pool
         if pool.trainable is not None:
             return self._forward_training(x, y)
         num_slots = pool.num_slots
@@ -114,10 +115,12 @@ class MoRALinear(nn.Module):
         layout = ctx.layout(x2.shape[0], batch_rows, num_slots, x2.device)
         if layout is None:
             return y  # no sequence of this forward sees any expert
-        layer = pool.layers[self.path]
-        A = layer.A[:num_slots]  # [N, D]
-        z = x2 @ (A if A.dtype == x2.dtype else A.to(x2.dtype)).t()  # [T, N]: every expert scores
-        if not ctx.training and self._native_update(y, z, layer, layout, ctx):
+        layer = self._layer
+        A, B, present = layer.views(num_slots)  # [N, D], [N, O], [N]
+        if A.dtype != x2.dtype:
+            A, B = A.to(x2.dtype), B.to(x2.dtype)
+        z = torch.mm(x2, A.t())  # [T, N]: every expert scores every token
+        if not ctx.training and self._native_update(y, z, B, present, layout, ctx):
             return y
         routing_cfg = pool.routing
         routing = route(
@@ -128,40 +131,44 @@ class MoRALinear(nn.Module):
                 layout.token_threshold if layout.threshold is not None else routing_cfg.threshold
             ),
             training=ctx.training,
-            slot_mask=self._slot_mask(layout, layer),
+            slot_mask=self._slot_mask(layout, present if layer.absent_slots else None),
             slot_scale=pool.slot_scale.to(x2.dtype),
         )
         ctx.record_routing(self.kind, routing, layout)
-        delta = apply_values(routing, layer.B[:num_slots].to(x2.dtype))  # [T, O]
+        delta = apply_values(routing, B)  # [T, O]
         return y + delta.reshape(y.shape).to(y.dtype)
 
     @staticmethod
-    def _slot_mask(layout: Layout, layer: PoolLayer) -> Tensor | None:
+    def _slot_mask(layout: Layout, present: Tensor | None) -> Tensor | None:
         """[T|1, N] bool: the slots each token may see in this layer (None: all)."""
         mask = layout.token_mask
-        if layer.absent_slots:
-            present = layer.present[: layout.num_slots].unsqueeze(0)  # [1, N]
-            mask = present if mask is None else mask & present
+        if present is not None:
+            mask = present.unsqueeze(0) if mask is None else mask & present.unsqueeze(0)
         return mask
 
     def _native_update(
-        self, y: Tensor, z: Tensor, layer: PoolLayer, layout: Layout, ctx: ForwardContext
+        self,
+        y: Tensor,
+        z: Tensor,
+        B: Tensor,
+        present: Tensor,
+        layout: Layout,
+        ctx: ForwardContext,
     ) -> bool:
         """Add this layer's delta to `y` in place with the native kernel, if it applies."""
         args = layout.extras.get("native", _UNSET)
         if args is _UNSET:
-            args = layout.extras["native"] = _native_args(self.pool, layout, ctx)
+            args = layout.extras["native"] = _native_args(self._pool, layout, ctx)
         if args is None or y.requires_grad or y.dtype != torch.float32 or not y.is_contiguous():
             return False
-        num_slots = layout.num_slots
-        return native.route_apply(
-            args,
+        active, hits = ctx.recording(self.kind, layout)
+        return args.apply(
             z,
-            layer.B[:num_slots],
+            B,
             y.view(-1, y.shape[-1]),
-            present=layer.present[:num_slots] if layer.absent_slots else None,
-            active=ctx.active_row(self.kind, layout),
-            hits=ctx.slot_hits(layout),
+            present if self._layer.absent_slots else None,
+            active,
+            hits,
         )
 
     def _forward_training(self, x: Tensor, y: Tensor) -> Tensor:

@@ -92,6 +92,17 @@ class PoolLayer:
         # PEFT adapter on q/v only); absent slots are hidden here, not scored as zeros.
         self.present = torch.zeros(capacity, dtype=torch.bool, device=device)
         self.absent_slots = 0
+        self._views: tuple[int, Tensor, Tensor, Tensor, Tensor] | None = None
+
+    def views(self, num_slots: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(A [N, D], B [N, O], present [N]) over the first N slots; cached, since every
+        forward asks for them in every layer (views share the buffers' storage, so writes
+        into slots show through; only a reallocation makes new ones)."""
+        cached = self._views
+        if cached is None or cached[0] != num_slots or cached[1] is not self.A:
+            A, B, present = self.A[:num_slots], self.B[:num_slots], self.present[:num_slots]
+            cached = self._views = (num_slots, self.A, A, B, present)
+        return cached[2], cached[3], cached[4]
 
     def grow(self, capacity: int) -> None:
         old = self.A.shape[0]

@@ -93,7 +93,7 @@ def test_kernel_matches_tensor_path_with_versions_overrides_and_absent_slots(see
     y = base.clone()
     active = torch.zeros(num_tokens, dtype=torch.int32)
     hits = torch.zeros(num_seqs, num_slots, dtype=torch.long)
-    assert native.route_apply(args, z, B, y, present=present, active=active, hits=hits)
+    assert args.apply(z, B, y, present=present, active=active, hits=hits)
     torch.testing.assert_close(y - base, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(active, want_active)
     assert torch.equal(hits, want_hits)
@@ -112,7 +112,7 @@ def test_strided_output_rows_are_updated_in_place():
         slot_scale=torch.ones(16),
         scratch=torch.empty(5, dtype=torch.int32),
     )
-    assert native.route_apply(args, z, B, view)
+    assert args.apply(z, B, view)
     want = reference_delta(x, A, B, top_k=4, tau=0.5, threshold=0.0)
     torch.testing.assert_close(view, want, rtol=1e-4, atol=1e-4)
     assert torch.count_nonzero(wide[:, B.shape[1] :]) == 0
@@ -130,7 +130,7 @@ def test_budget_over_the_kernel_limit_is_refused_and_changes_nothing():
         slot_scale=torch.ones(limit + 10),
         scratch=torch.empty(3, dtype=torch.int32),
     )
-    assert not native.route_apply(args, z, B, y)
+    assert not args.apply(z, B, y)
     assert torch.count_nonzero(y) == 0
     # mora_delta falls back to the tensor path for such budgets
     got = mora_delta(x, A, B, top_k=limit + 1, tau=1.0, threshold=0.0)
