@@ -55,7 +55,8 @@ def prompts(n: int, seed: int = 0) -> list[list[int]]:
     return [torch.randint(1, VOCAB, (int(3 + 5 * i % 17),), generator=g).tolist() for i in range(n)]
 
 
-def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+def reference_scores(model, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
+    """HF greedy tokens and the logits [n, V] each was picked from."""
     ids = torch.tensor([prompt])
     out = model.generate(
         ids,
@@ -63,8 +64,14 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
         max_new_tokens=n,
         do_sample=False,
         pad_token_id=0,
+        output_logits=True,
+        return_dict_in_generate=True,
     )
-    return out[0, len(prompt) :].tolist()
+    return out.sequences[0, len(prompt) :].tolist(), torch.cat(out.logits)
+
+
+def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    return reference_scores(model, prompt, n)[0]
 
 
 def make_engine(model, pool=None, **config) -> Engine:

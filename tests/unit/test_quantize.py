@@ -28,7 +28,7 @@ from mora_runtime.quantize import (
 )
 from mora_runtime.sampling import SamplingParams
 
-from .test_engine import prompts, run_concurrently, tiny_llama, tokens
+from .test_engine import prompts, reference_scores, run_concurrently, tiny_llama, tokens
 from .test_patching import random_set
 
 
@@ -162,21 +162,6 @@ def test_empty_pool_on_quantised_weights_is_bit_exact_and_experts_apply():
         pool.add_set("s", random_set(pool, 4, seed=1, gain=5.0))
         after = model(batch).logits
     assert not torch.allclose(after, before)
-
-
-def reference_scores(model, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
-    """HF greedy tokens and the logits [n, V] each was picked from."""
-    ids = torch.tensor([prompt])
-    out = model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=n,
-        do_sample=False,
-        pad_token_id=0,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
-    return out.sequences[0, len(prompt) :].tolist(), torch.cat(out.logits)
 
 
 def test_engine_on_int4_weights_follows_greedy_alone_and_batched():
