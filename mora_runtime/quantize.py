@@ -174,11 +174,15 @@ class QuantizedLinear(nn.Module):
         # [..., positions, K] with more than one position per row: a prompt's prefill.
         if self.prefill_float and x.dim() >= 2 and x.shape[-2] > 1:
             return nn.functional.linear(x, self.weight, self.bias)
-        x2 = x.reshape(-1, self.in_features).float().contiguous()  # [T, K]
-        y = self._product(x2).to(x.dtype)  # [T, O]
+        x2 = x.reshape(-1, self.in_features)  # [T, K]
+        if x2.dtype != torch.float32 or not x2.is_contiguous():
+            x2 = x2.float().contiguous()
+        y = self._product(x2)  # [T, O] float32
+        if x.dtype != torch.float32:
+            y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def _product(self, x: Tensor) -> Tensor:
         raise NotImplementedError
