@@ -26,6 +26,7 @@ import torch
 
 from mora_runtime.engine import Engine, EngineConfig, TokenEvent
 from mora_runtime.lm import LoadedLM, load_causal_lm
+from mora_runtime.openmp import in_fresh_thread
 from mora_runtime.patching import patch_model, unpatch_model
 from mora_runtime.quantize import set_prefill_float
 from mora_runtime.sampling import SamplingParams
@@ -164,7 +165,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    models = {"float32": load_causal_lm(weights="float"), "int4": load_causal_lm(weights="int4")}
+    # Every torch call of this (main) thread runs on a thread that ends with it: only the
+    # engine thread may keep a torch thread pool alive (mora_runtime/openmp.py).
+    models = {
+        name: in_fresh_thread(load_causal_lm, weights=weights)
+        for name, weights in (("float32", "float"), ("int4", "int4"))
+    }
     prompts = [prompt_ids(models["float32"].tokenizer, i) for i in range(args.requests)]
     results: dict[str, float] = {}
 
@@ -189,17 +195,17 @@ def main() -> None:
         for batch in (1, 16):
             label = f"generate {name}, " + ("one at a time" if batch == 1 else "static batch 16")
             count = 4 if batch == 1 else 16
-            results[label] = generate_tps(lm, prompts[:count], args.tokens, batch)
+            results[label] = in_fresh_thread(generate_tps, lm, prompts[:count], args.tokens, batch)
             print(f"{label}: {results[label]:.1f} tokens/s", flush=True)
         for c in (1, 16, 32):
             run_engine(f"engine {name}, concurrency {c}", lm, c)
     lm = models["int4"]
-    pool = patch_model(lm.model)
+    pool = in_fresh_thread(patch_model, lm.model)
     run_engine("engine int4, concurrency 16, empty pool", lm, 16, pool)
-    random_sets(pool, args.sets)
+    in_fresh_thread(random_sets, pool, args.sets)
     run_engine(f"engine int4, concurrency 16, {args.sets} sets x 16 ranks", lm, 16, pool)
-    unpatch_model(lm.model)
-    q = quality(models["float32"], models["int4"], args.tokens)
+    in_fresh_thread(unpatch_model, lm.model)
+    q = in_fresh_thread(quality, models["float32"], models["int4"], args.tokens)
 
     one = results["generate float32, one at a time"]
     static = results["generate float32, static batch 16"]

@@ -12,6 +12,7 @@ Shape legend: S = running sequences, L = cache columns, V = vocabulary, P = prom
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import itertools
 import logging
 import threading
@@ -25,6 +26,7 @@ from torch import Tensor
 
 from .context import ForwardContext
 from .kv_cache import BatchKVCache
+from .openmp import in_fresh_thread
 from .patching import forward_context
 from .pool import ExpertPool, PoolSnapshot
 from .sampling import SamplingParams, sample_next
@@ -109,6 +111,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stop = False
         self._ids = itertools.count()
+        # (fn, future) pairs that run_exclusive hands to the engine thread
+        self._exclusive: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]]
+        self._exclusive = collections.deque()
 
     # ------------------------------------------------------------------ public API
     @property
@@ -155,9 +160,32 @@ class Engine:
             self._wakeup.notify()
 
     def run_exclusive(self, fn: Callable[[], T]) -> T:
-        """Run `fn` between two steps (for pool mutations)."""
-        with self._step_lock:
-            return fn()
+        """Run `fn` between two steps (for pool mutations), on the engine thread when it runs:
+        torch work on any other long-lived thread would slow every later step (openmp.py)."""
+        if self._thread is None or threading.current_thread() is self._thread:
+            with self._step_lock:
+                return in_fresh_thread(fn) if self._thread is None else fn()
+        job: concurrent.futures.Future[T] = concurrent.futures.Future()
+        with self._wakeup:
+            if self._stop:
+                raise RuntimeError("the engine is shut down")
+            self._exclusive.append((fn, job))
+            self._wakeup.notify()
+        return job.result()
+
+    def _run_exclusive_jobs(self) -> None:
+        while True:
+            with self._wakeup:
+                if not self._exclusive:
+                    return
+                fn, job = self._exclusive.popleft()
+            if not job.set_running_or_notify_cancel():
+                continue
+            try:
+                with self._step_lock:
+                    job.set_result(fn())
+            except BaseException as error:  # the caller re-raises it
+                job.set_exception(error)
 
     def start(self) -> None:
         if self._thread is not None:
@@ -192,15 +220,19 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._wakeup:
-                while not self._stop and not (self._waiting or self._running or self._aborted):
+                while not self._stop and not (
+                    self._waiting or self._running or self._aborted or self._exclusive
+                ):
                     self._wakeup.wait()
                 if self._stop:
                     break
+            self._run_exclusive_jobs()
             try:
                 self.step()
             except Exception:  # a broken step must not kill the server: fail its requests
                 logger.exception("engine step failed; aborting the requests in it")
                 self._fail_all()
+        self._run_exclusive_jobs()  # queued before the stop: their callers are waiting
         self._fail_all()
 
     @torch.inference_mode()

@@ -46,7 +46,11 @@ logger = logging.getLogger(__name__)
 WeightFormat = Literal["auto", "float", "int4"]
 BLOCK = 32
 SOURCE = Path(__file__).parent / "csrc" / "quant_gemm.cpp"
-_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c")
+# -fopenmp: at::parallel_for is an inline template whose OpenMP pragma is compiled into this
+# extension; without the flag it silently runs on one thread. The extension then needs
+# libgomp.so.1, which the loader resolves to the copy torch has already loaded (same soname),
+# so there is one OpenMP thread pool, torch's.
+_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp")
 
 
 # --- the kernels ---------------------------------------------------------------------------------
@@ -89,6 +93,7 @@ def kernels() -> Any | None:
             name=f"mora_quant_{key}",
             sources=[str(SOURCE)],
             extra_cflags=list(_FLAGS),
+            extra_ldflags=["-fopenmp"],
             build_directory=str(directory),
             verbose=False,
         )

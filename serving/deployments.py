@@ -94,18 +94,26 @@ class LMServer(_ReplicaBase):
 
     async def __init__(self, config: dict[str, Any]) -> None:
         from mora_runtime.lm import load_causal_lm
+        from mora_runtime.openmp import in_fresh_thread
         from mora_runtime.patching import patch_model
 
         cfg = ServerConfig.model_validate(config)
         self.model_name = cfg.lm.served_name
         _set_torch_threads(cfg.lm.torch_threads or os.cpu_count() or 1)
-        lm = await asyncio.to_thread(load_causal_lm, cfg.lm.model_dir, weights=cfg.lm.weights)
-        pool = patch_model(
-            lm.model,
-            cfg.lm.targets,
-            capacity=cfg.lm.pool_capacity,
-            routing=_routing(cfg.lm.routing),
-        )
+
+        def build() -> tuple[Any, Any]:
+            lm = load_causal_lm(cfg.lm.model_dir, weights=cfg.lm.weights)
+            pool = patch_model(
+                lm.model,
+                cfg.lm.targets,
+                capacity=cfg.lm.pool_capacity,
+                routing=_routing(cfg.lm.routing),
+            )
+            return lm, pool
+
+        # On a thread that ends, not the executor's: only the engine thread may keep a torch
+        # thread pool alive (mora_runtime/openmp.py).
+        lm, pool = await asyncio.to_thread(in_fresh_thread, build)
         self.metrics = server_metrics()
         self.activations: collections.Counter[str] = collections.Counter()
         self.engine = Engine(

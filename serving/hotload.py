@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mora_runtime.openmp import in_fresh_thread
 from mora_runtime.pool import ExpertPool
 from mora_runtime.store import (
     ExpertSet,
@@ -114,7 +115,8 @@ class ReplicaPool:
         async with self._lock:
             loaded = {e.name for e in self.pool.sets()}
             if op["action"] == "load":
-                expert_set = await asyncio.to_thread(self._read, op["path"])
+                # torch work off the event loop, on a thread that ends (openmp.py)
+                expert_set = await asyncio.to_thread(in_fresh_thread, self._read, op["path"])
                 if expert_set.meta.name != op["name"]:
                     raise ExpertSetError("the set's name changed while it was being loaded")
                 if op["name"] in loaded:
@@ -134,7 +136,7 @@ class ReplicaPool:
             if op["action"] == "load":
                 expert_set = self._staged.pop(op["op_id"], None)
                 if expert_set is None:  # staged elsewhere, e.g. after a restart: read again
-                    expert_set = await asyncio.to_thread(self._read, op["path"])
+                    expert_set = await asyncio.to_thread(in_fresh_thread, self._read, op["path"])
                 await asyncio.to_thread(self._apply_load, expert_set, version)
             else:
                 await asyncio.to_thread(self._apply_retire, op["name"], version)
@@ -162,7 +164,7 @@ class ReplicaPool:
                 changed = True
             for entry in wanted:
                 if entry.name not in have:
-                    expert_set = await asyncio.to_thread(self._read, entry.path)
+                    expert_set = await asyncio.to_thread(in_fresh_thread, self._read, entry.path)
                     await asyncio.to_thread(self._apply_load, expert_set, None)
                     changed = True
             if state.version > self.pool.version:

@@ -277,3 +277,34 @@ def test_a_request_finishing_on_its_first_token_leaves_the_others_running():
     assert long_events[-1].finish_reason == "length"
     assert tokens(long_events) == hf_greedy(model, long_prompt, 12)
     assert engine.num_running == 0
+
+
+def test_run_exclusive_runs_on_the_engine_thread_between_steps_and_reports_errors():
+    # Pool mutations are torch work: on a running engine they must run on its own thread,
+    # the only long-lived one allowed a torch thread pool (mora_runtime/openmp.py).
+    model = tiny_llama()
+    engine = Engine(model, eos_token_ids=(), max_context=256)
+    caller = threading.current_thread()
+    # not started: a short-lived thread, not the caller's
+    assert engine.run_exclusive(lambda: threading.current_thread()) is not caller
+    engine.start()
+    try:
+        out: list[TokenEvent] = []
+        engine.submit(prompts(1)[0], SamplingParams(max_tokens=40, temperature=0.0), out.append)
+        seen = engine.run_exclusive(lambda: (threading.current_thread().name, len(out)))
+        assert seen[0] == "mora-engine"
+
+        def broken() -> None:
+            raise ValueError("bad set")
+
+        with pytest.raises(ValueError, match="bad set"):
+            engine.run_exclusive(broken)
+        done = threading.Event()
+        engine.submit(
+            prompts(1)[0], SamplingParams(max_tokens=3), lambda e: e.finish_reason and done.set()
+        )
+        assert done.wait(30)  # the engine kept serving after the failed job
+    finally:
+        engine.shutdown()
+    # stopped: short-lived threads again
+    assert engine.run_exclusive(lambda: threading.current_thread().name) != "mora-engine"
