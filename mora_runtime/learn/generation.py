@@ -1,13 +1,13 @@
 """Batched greedy generation for evaluation, on the runtime's continuous-batching engine.
 
-Prompts go to the engine in waves of up to `max_running`; each wave is prefilled in one step
-and decoded as a batch (pinned to one pool version, since nothing mutates the pool meanwhile),
-and the engine reports, per sequence, what its tokens activated.
+Prompts go to the engine in waves of up to `max_running`, stepped on the calling thread; each
+wave is prefilled in one step and decoded as a batch (pinned to one pool version, since
+nothing mutates the pool meanwhile), and the engine reports, per sequence, what its tokens
+activated.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -52,23 +52,23 @@ def _run_wave(
     finals: list[TokenEvent | None],
 ) -> None:
     remaining = len(wave)
-    done = threading.Event()
-    lock = threading.Lock()
 
-    def on_event(index: int, event: TokenEvent) -> None:  # engine thread
+    def on_event(index: int, event: TokenEvent) -> None:
         nonlocal remaining
         if event.token_id is not None:
             outputs[index].append(event.token_id)
         if event.finish_reason is not None:
             finals[index] = event
-            with lock:
-                remaining -= 1
-                if remaining == 0:
-                    done.set()
+            remaining -= 1
 
     for index in wave:
         engine.submit(ids[index], params, lambda event, i=index: on_event(i, event))
-    done.wait()
+    # Stepped on this thread, the one that trains: a second thread doing torch work would
+    # slow both (mora_runtime/openmp.py).
+    while remaining:
+        if not (engine.num_running or engine.num_waiting):
+            raise RuntimeError("the engine went idle with requests unanswered")
+        engine.step()
 
 
 def generate_greedy(
@@ -96,12 +96,8 @@ def generate_greedy(
     finals: list[TokenEvent | None] = [None] * len(prompts)
     params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
     ids = [list(tokenizer(prompt)["input_ids"]) for prompt in prompts]
-    engine.start()
-    try:
-        for wave in _waves(ids, max_running, engine.config.max_prefill_tokens):
-            _run_wave(engine, wave, ids, params, outputs, finals)
-    finally:
-        engine.shutdown()
+    for wave in _waves(ids, max_running, engine.config.max_prefill_tokens):
+        _run_wave(engine, wave, ids, params, outputs, finals)
     results = []
     for tokens, final in zip(outputs, finals, strict=True):
         if final is None or final.finish_reason == "abort":
