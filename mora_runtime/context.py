@@ -65,11 +65,6 @@ class Layout:
     def token_threshold(self) -> Tensor | None:
         return None if self.threshold is None else self.threshold[self.seq]
 
-    @cached_property
-    def largest_top_k(self) -> int | None:
-        """The largest per-sequence budget, or None when no sequence overrides it."""
-        return None if self.top_k is None else int(self.top_k.max())
-
 
 class _Recorder:
     """Active experts per token, one row per adapted-layer call, for forwards of T tokens."""

@@ -210,8 +210,6 @@ def _native_delta(
 ) -> bool:
     if not native.supports(z, B, out) or not native.available() or _needs_grad(z, B):
         return False
-    if effective_top_k(top_k, z.shape[1]) > native.max_top_k():
-        return False
     args = native.ForwardArgs(
         top_k=top_k,
         threshold=threshold,

@@ -184,8 +184,8 @@ class ForwardArgs:
         present [N] bool: the slots this layer has (None: all). Writes active [T] int32
         (experts per token; None: into `scratch`) and adds activations into hits [S, N]
         long. Every tensor must be contiguous on the CPU (`supports`). Returns False,
-        changing nothing, when the budget exceeds the kernel's limit or the kernel is off
-        (the caller then takes the tensor path).
+        changing nothing, when some token's budget exceeds the kernel's limit or the kernel
+        is off (the caller then takes the tensor path).
         """
         call = self._call
         if call is None:

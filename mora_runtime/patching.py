@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from . import native
 from .context import ForwardContext, Layout
-from .experts import apply_values, effective_top_k, route
+from .experts import apply_values, route
 from .pool import ExpertPool, PoolSnapshot, RoutingConfig
 from .quantize import QuantizedLinear
 
@@ -209,13 +209,13 @@ def _native_args(
     pool: ExpertPool, layout: Layout, ctx: ForwardContext
 ) -> native.ForwardArgs | None:
     """The kernel's per-forward arguments, or None when this forward must use tensors."""
+    # A budget over the kernel's limit is refused by the kernel itself, before it writes.
     routing = pool.routing
     if (
         ctx.training
         or layout.seq.device.type != "cpu"
         or pool.dtype != torch.float32
-        or effective_top_k(layout.largest_top_k or routing.top_k, layout.num_slots)
-        > native.max_top_k()  # 0 when the kernel is unavailable
+        or not native.available()
     ):
         return None
     return native.ForwardArgs(

@@ -18,7 +18,8 @@
  * Outputs: active [T] i32 = experts that contributed to each token; hits [S, N] i64 (may be
  * NULL) += 1 per contributing (token, expert), counted only where valid[t] (NULL: all).
  *
- * Returns 0, or -1 when k_eff exceeds MORA_MAX_K (the caller then uses its general path).
+ * Returns 0, or -1, having written nothing, when some token's k_eff exceeds MORA_MAX_K (the
+ * caller then uses its general path).
  * One function call per layer replaces a dozen small tensor operations: at decode batch
  * sizes their fixed per-op cost, not arithmetic, is what the pool used to add per token.
  */
@@ -31,6 +32,13 @@
 
 int mora_max_k(void) { return MORA_MAX_K; }
 
+/* k_eff of a token of sequence s: the budget, at least 2, at most N. */
+static int64_t budget(const int64_t *top_k, int64_t s, int64_t default_k, int64_t N) {
+    int64_t k = top_k ? top_k[s] : default_k;
+    if (k < MORA_MIN_TOP_K) k = MORA_MIN_TOP_K;
+    return k > N ? N : k;
+}
+
 int mora_route_apply(const float *z, int64_t T, int64_t N, const float *B, int64_t O, float *y,
                      int64_t y_stride, const uint8_t *mask, int64_t mask_rows,
                      const int64_t *seq, const uint8_t *present, const int64_t *top_k,
@@ -42,14 +50,15 @@ int mora_route_apply(const float *z, int64_t T, int64_t N, const float *B, int64
     float weight[MORA_MAX_K];
     const float inv_tau = 1.0f / tau;
 
+    /* Refuse before writing anything: a later token's budget must not leave y half-updated. */
+    for (int64_t t = 0; t < T; ++t)
+        if (budget(top_k, seq ? seq[t] : 0, default_k, N) > MORA_MAX_K) return -1;
+
     for (int64_t t = 0; t < T; ++t) {
         const int64_t s = seq ? seq[t] : 0;
         const float *zt = z + t * N;
         const uint8_t *visible = mask ? mask + (mask_rows == 1 ? 0 : s) * N : 0;
-        int64_t k = top_k ? top_k[s] : default_k;
-        if (k < MORA_MIN_TOP_K) k = MORA_MIN_TOP_K;
-        if (k > N) k = N;
-        if (k > MORA_MAX_K) return -1;
+        const int64_t k = budget(top_k, s, default_k, N);
         const float thr = threshold ? threshold[s] : default_threshold;
 
         /* One pass: the squared norm over visible slots and a sorted top-k by raw score

@@ -138,6 +138,27 @@ def test_budget_over_the_kernel_limit_is_refused_and_changes_nothing():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_one_sequence_over_the_limit_refuses_the_whole_call_before_writing():
+    # Token 0's sequence fits the kernel; the last token's does not. A refusal found only at
+    # the last token would leave the first ones updated and the caller's fallback would add
+    # their delta a second time.
+    limit = native.max_top_k()
+    x, A, B = make_case("uniform", 3, limit + 10, seed=5)
+    z = x @ A.t()
+    y = torch.zeros(3, B.shape[1])
+    args = native.ForwardArgs(
+        top_k=4,
+        threshold=0.0,
+        tau=1.0,
+        slot_scale=torch.ones(limit + 10),
+        scratch=torch.empty(3, dtype=torch.int32),
+        seq=torch.tensor([0, 0, 1]),
+        seq_top_k=torch.tensor([4, limit + 1]),
+    )
+    assert not args.apply(z, B, y)
+    assert torch.count_nonzero(y) == 0
+
+
 def _run_patched(model, pool, batch, snaps, overrides):
     ctx = ForwardContext(snaps, **overrides)
     with torch.inference_mode(), forward_context(pool, ctx):
