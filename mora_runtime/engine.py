@@ -161,16 +161,20 @@ class Engine:
 
     def run_exclusive(self, fn: Callable[[], T]) -> T:
         """Run `fn` between two steps (for pool mutations), on the engine thread when it runs:
-        torch work on any other long-lived thread would slow every later step (openmp.py)."""
-        if self._thread is None or threading.current_thread() is self._thread:
-            with self._step_lock:
-                return in_fresh_thread(fn) if self._thread is None else fn()
+        torch work on any other long-lived thread would slow every later step (openmp.py).
+        A stopped engine runs `fn` at once, on a thread that ends."""
+        engine_thread = self._thread
+        if engine_thread is not None and threading.current_thread() is engine_thread:
+            return fn()  # from the engine's own thread: already between forwards
         job: concurrent.futures.Future[T] = concurrent.futures.Future()
         with self._wakeup:
-            if self._stop:
-                raise RuntimeError("the engine is shut down")
-            self._exclusive.append((fn, job))
-            self._wakeup.notify()
+            queued = engine_thread is not None and not self._stop
+            if queued:
+                self._exclusive.append((fn, job))
+                self._wakeup.notify()
+        if not queued:
+            with self._step_lock:
+                return in_fresh_thread(fn)
         return job.result()
 
     def _run_exclusive_jobs(self) -> None:
@@ -179,8 +183,6 @@ class Engine:
                 if not self._exclusive:
                     return
                 fn, job = self._exclusive.popleft()
-            if not job.set_running_or_notify_cancel():
-                continue
             try:
                 with self._step_lock:
                     job.set_result(fn())

@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import os
-import platform
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -32,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .materialize import materialize, read_marker
-from .paths import cache_dir
+from .paths import native_build_dir
 
 logger = logging.getLogger(__name__)
 
@@ -56,19 +54,12 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
 
 
-def _build_key() -> str:
-    # Plain C with a C ABI: the source, flags and machine decide the library, not the
-    # compiler's version, so a cache built elsewhere (an image's build stage) is reused.
-    digest = hashlib.sha256(SOURCE.read_bytes())
-    for part in (platform.machine(), *_FLAGS):
-        digest.update(part.encode())
-    return digest.hexdigest()[:16]
-
-
 def build(force: bool = False) -> Path | None:
     """Compile the kernel into the cache (once); returns the library path, or None when it
     is not built and no C compiler is found."""
-    target = cache_dir() / "native" / f"mora_route-{_build_key()}"
+    # Plain C with a C ABI: the source, flags and machine decide the library, not the
+    # compiler's version, so a cache built elsewhere (an image's build stage) is reused.
+    target = native_build_dir("mora_route", SOURCE, *_FLAGS)
     compiler = _compiler()
     if compiler is None:
         library = target / LIBRARY_NAME

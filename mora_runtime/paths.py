@@ -1,4 +1,4 @@
-"""Where MoRA Serve keeps what it materialises once: converted default models.
+"""Where MoRA Serve keeps what it materialises once: converted default models, built kernels.
 
 The cache root is `$MORA_CACHE` when set (the Makefile exports `<repo>/.cache/mora`), else
 `~/.cache/mora-serve`. Nothing here creates directories: callers that write do that.
@@ -6,7 +6,9 @@ The cache root is `$MORA_CACHE` when set (the Makefile exports `<repo>/.cache/mo
 
 from __future__ import annotations
 
+import hashlib
 import os
+import platform
 from pathlib import Path
 
 CACHE_ENV = "MORA_CACHE"
@@ -31,3 +33,12 @@ def default_lm_dir() -> Path:
 def default_clip_dir() -> Path:
     """Directory of the default CLIP model trained once at setup."""
     return cache_dir() / "models" / DEFAULT_CLIP_NAME
+
+
+def native_build_dir(name: str, source: Path, *inputs: str) -> Path:
+    """`<cache>/native/<name>-<key>` for a kernel built from `source`: the key hashes the
+    source, the machine and `inputs` (flags, versions), so any change builds afresh."""
+    digest = hashlib.sha256(source.read_bytes())
+    for part in (platform.machine(), *inputs):
+        digest.update(part.encode())
+    return cache_dir() / "native" / f"{name}-{digest.hexdigest()[:16]}"

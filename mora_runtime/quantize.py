@@ -28,7 +28,6 @@ Shape legend: T = tokens, O = out features, K = in features, G = K / 32 blocks.
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import os
 import platform
@@ -39,7 +38,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .paths import cache_dir
+from .paths import native_build_dir
 
 logger = logging.getLogger(__name__)
 
@@ -81,16 +80,12 @@ def kernels() -> Any | None:
     # torch runs `ninja` from PATH; the pinned one lives next to this interpreter's packages.
     if ninja.BIN_DIR not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-    digest = hashlib.sha256(SOURCE.read_bytes())
-    for part in (torch.__version__, platform.machine(), *_FLAGS):
-        digest.update(part.encode())
-    key = digest.hexdigest()[:16]
-    directory = cache_dir() / "native" / f"quant-{key}"
+    directory = native_build_dir("quant", SOURCE, torch.__version__, *_FLAGS)
     directory.mkdir(parents=True, exist_ok=True)
     try:
         # torch's loader locks the directory, so replicas starting together build once.
         return load(
-            name=f"mora_quant_{key}",
+            name=f"mora_{directory.name.replace('-', '_')}",
             sources=[str(SOURCE)],
             extra_cflags=list(_FLAGS),
             extra_ldflags=["-fopenmp"],

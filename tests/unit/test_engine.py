@@ -289,10 +289,17 @@ def test_run_exclusive_runs_on_the_engine_thread_between_steps_and_reports_error
     assert engine.run_exclusive(lambda: threading.current_thread()) is not caller
     engine.start()
     try:
-        out: list[TokenEvent] = []
-        engine.submit(prompts(1)[0], SamplingParams(max_tokens=40, temperature=0.0), out.append)
-        seen = engine.run_exclusive(lambda: (threading.current_thread().name, len(out)))
-        assert seen[0] == "mora-engine"
+        engine.submit(prompts(1)[0], SamplingParams(max_tokens=40, temperature=0.0), lambda e: None)
+        assert engine.run_exclusive(lambda: threading.current_thread().name) == "mora-engine"
+        # a job that itself asks for exclusivity (it already has it) must not wait on itself
+        nested: list[int] = []
+        caller_thread = threading.Thread(
+            target=lambda: nested.append(engine.run_exclusive(lambda: engine.run_exclusive(int))),
+            daemon=True,  # a deadlock fails the assertion below instead of hanging pytest
+        )
+        caller_thread.start()
+        caller_thread.join(30)
+        assert nested == [0]
 
         def broken() -> None:
             raise ValueError("bad set")
