@@ -76,8 +76,12 @@ class ReplicaPool:
             )
         return base_fingerprint(self.model, modules)
 
-    def _read(self, path: str) -> ExpertSet:
-        return load_expert_set(
+    async def _read(self, path: str) -> ExpertSet:
+        """Read and validate a set: torch work, so off the event loop and on a thread that
+        ends (mora_runtime/openmp.py)."""
+        return await asyncio.to_thread(
+            in_fresh_thread,
+            load_expert_set,
             path,
             expected_fingerprint=self._fingerprint,
             expected_kind=self.model_kind,
@@ -115,8 +119,7 @@ class ReplicaPool:
         async with self._lock:
             loaded = {e.name for e in self.pool.sets()}
             if op["action"] == "load":
-                # torch work off the event loop, on a thread that ends (openmp.py)
-                expert_set = await asyncio.to_thread(in_fresh_thread, self._read, op["path"])
+                expert_set = await self._read(op["path"])
                 if expert_set.meta.name != op["name"]:
                     raise ExpertSetError("the set's name changed while it was being loaded")
                 if op["name"] in loaded:
@@ -136,7 +139,7 @@ class ReplicaPool:
             if op["action"] == "load":
                 expert_set = self._staged.pop(op["op_id"], None)
                 if expert_set is None:  # staged elsewhere, e.g. after a restart: read again
-                    expert_set = await asyncio.to_thread(in_fresh_thread, self._read, op["path"])
+                    expert_set = await self._read(op["path"])
                 await asyncio.to_thread(self._apply_load, expert_set, version)
             else:
                 await asyncio.to_thread(self._apply_retire, op["name"], version)
@@ -164,7 +167,7 @@ class ReplicaPool:
                 changed = True
             for entry in wanted:
                 if entry.name not in have:
-                    expert_set = await asyncio.to_thread(in_fresh_thread, self._read, entry.path)
+                    expert_set = await self._read(entry.path)
                     await asyncio.to_thread(self._apply_load, expert_set, None)
                     changed = True
             if state.version > self.pool.version:
