@@ -134,7 +134,6 @@ def prepare_models(
         start = time.perf_counter()
         state = "ready" if quantize.kernels() is not None else "not for this CPU: float weights"
         print(f"int4 kernels: {state} ({time.perf_counter() - start:.1f} s)")
-    if lm:
         if force or not default_lm_is_prepared():
             print(
                 f"causal LM: converting the bundled SmolLM2-135M-Instruct GGUF into "
