@@ -158,8 +158,15 @@ def test_client_disconnect_frees_the_engine_slot(server) -> None:
         return server.metric_sum("ray_mora_num_requests_running", model=LM_NAME)
 
     wait_for(lambda: running() == 0, "an idle engine before the test", 60)
+    # Greedy: the tiny model's end token has logit 0, so sampling (the API's default
+    # temperature 1) drew it within a few hundred tokens in some runs and the stream ended
+    # before it could be seen running; greedy never picks it over a positive logit.
     stream = server.openai().completions.create(
-        model=LM_NAME, prompt=PROMPTS[1], max_tokens=LONG_CONTEXT - 64, stream=True
+        model=LM_NAME,
+        prompt=PROMPTS[1],
+        max_tokens=LONG_CONTEXT - 64,
+        temperature=0.0,
+        stream=True,
     )
     try:
         assert next(iter(stream)).choices[0].text is not None
