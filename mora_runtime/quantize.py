@@ -3,10 +3,13 @@
 A decode step of a small LM on a CPU is bound by reading the weights: SmolLM2-135M in
 float32 is 540 MB per step. Its bundled GGUF is 4-bit already (Q4_1: per block of 32 inputs
 a scale d and a minimum m, w = d * n + m with n in 0..15; the output layer Q8_0), so the
-float32 copy set-up writes is that grid at 8x the size. `Q4Linear` stores it back in the
-GGUF's own layout and `Q8Linear` does the same for the output layer; re-quantising the
-float32 copy finds the very same grid (each block's minimum maps to 0 and its maximum to
-15, resp. +-127), with float32 scales, so the weights are exactly the GGUF's.
+float32 copy set-up writes is that grid at 8x the size. `Q4Linear` stores it back on the
+GGUF's grid and `Q8Linear` does the same for the output layer; re-quantising the float32
+copy finds the very same grid (each block's minimum maps to 0 and its maximum to 15, resp.
++-127), with float32 scales, so the weights are exactly the GGUF's. Both keep them
+interleaved by groups of 8 output rows (`_to_groups`), the layout that lets the kernel
+compute 8 outputs per vector without horizontal sums: 1.5-2x faster than row-major GGUF
+blocks for the 16-token decode steps of this model (measured per layer shape, 2 threads).
 
 The products run in csrc/quant_gemm.cpp: activations are quantised per block of 32 to 8
 bits on the fly and multiplied with integer dot products, as llama.cpp does for these
@@ -139,6 +142,27 @@ def unpack_q8_0(w8: Tensor, d: Tensor) -> Tensor:
     return (w8.reshape(*d.shape, BLOCK).float() * d[..., None]).reshape(w8.shape)
 
 
+ROWS = 8  # output rows per interleaved group of the kernels' layout
+
+
+def _to_groups(t: Tensor, pieces: int) -> Tensor:
+    """[O, G * pieces * 4] bytes or [O, G] scales -> the kernels' 8-row interleaved layout,
+    [O8/8, G, pieces, 8, 4] resp. [O8/8, G, 8] (O padded to a multiple of 8 with zeros)."""
+    rows = -(-t.shape[0] // ROWS) * ROWS
+    padded = torch.nn.functional.pad(t, (0, 0, 0, rows - t.shape[0]))
+    if pieces == 0:  # scales: [O8/8, 8, G] -> [O8/8, G, 8]
+        return padded.reshape(rows // ROWS, ROWS, -1).transpose(1, 2).contiguous()
+    grouped = padded.reshape(rows // ROWS, ROWS, -1, pieces, 4)  # [O8/8, 8, G, pieces, 4]
+    return grouped.permute(0, 2, 3, 1, 4).contiguous()
+
+
+def _from_groups(t: Tensor, out_features: int) -> Tensor:
+    """The inverse of `_to_groups`: [O, ...] rows in their original order."""
+    if t.dim() == 3:  # scales
+        return t.transpose(1, 2).reshape(-1, t.shape[1])[:out_features]
+    return t.permute(0, 3, 1, 2, 4).reshape(-1, t.shape[1] * t.shape[2] * 4)[:out_features]
+
+
 def quantize_activations(x: Tensor) -> Tensor:
     """What the kernels multiply by: x [T, K] rounded to 8 bits per block of 32 (float32)."""
     blocks = x.float().reshape(x.shape[0], -1, BLOCK)  # [T, G, 32]
@@ -202,15 +226,17 @@ class Q4Linear(QuantizedLinear):
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__(linear)
         nibbles, d, m = pack_q4_1(linear.weight)
-        self.register_buffer("nibbles", nibbles)  # [O, K/2]
-        self.register_buffer("d", d.contiguous())  # [O, G]
-        self.register_buffer("m_t", m.t().contiguous())  # [G, O]: the kernel's layout
+        self.register_buffer("packed", _to_groups(nibbles, pieces=4))  # [O8/8, G, 4, 8, 4]
+        self.register_buffer("d", _to_groups(d, pieces=0))  # [O8/8, G, 8]
+        self.register_buffer("m", _to_groups(m, pieces=0))
 
     def _product(self, x: Tensor) -> Tensor:
-        return kernels().q4_1_linear(x, self.nibbles, self.d, self.m_t)
+        return kernels().q4_1_linear(x, self.packed, self.d, self.m, self.out_features)
 
     def dequantized(self) -> Tensor:
-        return unpack_q4_1(self.nibbles, self.d, self.m_t.t())
+        nibbles = _from_groups(self.packed, self.out_features)
+        d, m = (_from_groups(t, self.out_features) for t in (self.d, self.m))
+        return unpack_q4_1(nibbles, d, m)
 
 
 class Q8Linear(QuantizedLinear):
@@ -220,14 +246,16 @@ class Q8Linear(QuantizedLinear):
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__(linear)
         w8, d = pack_q8_0(linear.weight)
-        self.register_buffer("w8", w8)  # [O, K]
-        self.register_buffer("d", d.contiguous())  # [O, G]
+        bytes_ = w8.view(torch.uint8)  # the kernel reads the int8 values from raw bytes
+        self.register_buffer("packed", _to_groups(bytes_, pieces=8))  # [O8/8, G, 8, 8, 4]
+        self.register_buffer("d", _to_groups(d, pieces=0))  # [O8/8, G, 8]
 
     def _product(self, x: Tensor) -> Tensor:
-        return kernels().q8_0_linear(x, self.w8, self.d)
+        return kernels().q8_0_linear(x, self.packed, self.d, self.out_features)
 
     def dequantized(self) -> Tensor:
-        return unpack_q8_0(self.w8, self.d)
+        w8 = _from_groups(self.packed, self.out_features).contiguous().view(torch.int8)
+        return unpack_q8_0(w8, _from_groups(self.d, self.out_features))
 
 
 def set_prefill_float(model: nn.Module, enabled: bool) -> None:

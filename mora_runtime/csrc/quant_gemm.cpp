@@ -1,5 +1,5 @@
-// Block-quantised matrix products for CPU decoding: 4-bit weights (Q4_1 layout) and 8-bit
-// weights (Q8_0 layout) against activations quantised on the fly to 8 bits per 32 values.
+// Block-quantised matrix products for CPU decoding: 4-bit weights (Q4_1 grid) and 8-bit
+// weights (Q8_0 grid) against activations quantised on the fly to 8 bits per 32 values.
 //
 // Semantics (for every token t and output o, blocks b of 32 inputs):
 //   activations: s[t,b] = max|x[t,b,:]| / 127, q[t,b,j] = round(x[t,b,j] / s[t,b])
@@ -9,21 +9,29 @@
 // This is the arithmetic llama.cpp uses for these formats (Q8_1 / Q8_0 activations), so a
 // model served from a Q4_1 GGUF computes what llama.cpp computes, on the GGUF's own grid.
 //
-// Layouts: x [T, K] f32; nibbles [O, K/2] u8 where byte j of block b holds input j in its low
-// nibble and input j + 16 in its high nibble (GGUF's order); d [O, K/32] f32 and m
-// transposed, [K/32, O] f32; w8 [O, K] i8.
-// Every token is computed by the same instructions in the same order whatever else is in
-// the batch: results do not depend on the batch size.
+// Layouts ("8-row interleaved", written by quantize.py's repack_* functions): output rows
+// come in groups of 8 (the last group padded with zero rows). For group g and block b the
+// weights of the 8 rows are interleaved in 4-byte pieces, so that one 32-byte load holds the
+// same 4 inputs of all 8 rows, one 32-bit lane per row:
+//   q4_1: packed [O8/8, K/32, 4, 8, 4] u8: piece c of row r is bytes 4c..4c+3 of the row's
+//         16 GGUF bytes; low nibbles are inputs 4c..4c+3, high nibbles inputs 16+4c..16+4c+3.
+//   q8_0: packed [O8/8, K/32, 8, 8, 4] i8: piece c of row r is inputs 4c..4c+3.
+//   d, m: [O8/8, K/32, 8] f32 (one vector of the 8 rows' scales per block).
+// Multiplying a piece by the activations' matching 4 bytes broadcast to every lane gives, in
+// lane r, row r's partial dot product: the 8 outputs of a group come out in one vector, with
+// no horizontal sums (the idea of llama.cpp's repacked "8x8" CPU kernels). x is [T, K] f32.
 //
-// Work is split over output rows with at::parallel_for (torch's own thread pool, so the
-// kernel never competes with torch's threads). The block dot products follow llama.cpp's
-// AVX2 ggml_vec_dot_q4_1_q8_1 / q8_0_q8_0; the loader builds this file only on x86-64 CPUs
-// with AVX2 and FMA (elsewhere the model keeps float weights).
+// Every token is computed by the same instructions in the same order whatever else is in
+// the batch (integer sums are exact, the float steps run per token in block order): results
+// do not depend on the batch size. Work is split over row groups with at::parallel_for
+// (torch's own thread pool, so the kernel never competes with torch's threads). The loader
+// builds this file only on x86-64 CPUs with AVX2 and FMA (elsewhere weights stay float).
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #if !defined(__AVX2__) || !defined(__FMA__)
@@ -34,11 +42,12 @@
 namespace {
 
 constexpr int64_t kBlock = 32;
+constexpr int64_t kRows = 8;  // output rows per interleaved group
 
 struct QuantizedActivations {
-  std::vector<int8_t> q;      // [T, K]
-  std::vector<float> scale;   // [T, K/32]
-  std::vector<float> sum;     // [T, K/32]: scale * sum_j q (the Q4_1 minimum's term)
+  std::vector<int8_t> q;     // [T, K]
+  std::vector<float> scale;  // [T, K/32]
+  std::vector<float> sum;    // [T, K/32]: scale * sum_j q (the Q4_1 minimum's term)
 };
 
 QuantizedActivations quantize_activations(const float* x, int64_t T, int64_t K) {
@@ -66,27 +75,122 @@ QuantizedActivations quantize_activations(const float* x, int64_t T, int64_t K) 
   return out;
 }
 
-inline float hsum(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v);
-  __m128 hi = _mm256_extractf128_ps(v, 1);
-  lo = _mm_add_ps(lo, hi);
-  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-  return _mm_cvtss_f32(lo);
+// The 4 activation bytes at p in every 32-bit lane.
+inline __m256i broadcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return _mm256_set1_epi32(v);
 }
 
-// 32 unsigned 4-bit values (0..15) of one Q4_1 block, inputs 0..31 in order.
-inline __m256i unpack_nibbles(const uint8_t* p) {
-  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m256i both = _mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes);
-  return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+struct Problem {
+  const uint8_t* packed;  // one of the layouts above
+  const float* d;         // [O8/8, nb, 8]
+  const float* m;         // q4_1 only: [O8/8, nb, 8]
+  int64_t K, nb, O;
+};
+
+// Row group g against tokens t0 .. t0 + NT: out[i][r] = y[t0 + i, 8 g + r].
+// Q4_1: a piece's low and high nibbles (u4) times the broadcast activations (i8) with
+// maddubs; the 8 products of a block add up in 16 bits (|sum| <= 8 * 2 * 15 * 127 = 30480).
+template <int NT>
+void q4_group(const Problem& p, const QuantizedActivations& a, int64_t g, int64_t t0,
+              float out[][kRows]) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[NT];
+  for (int i = 0; i < NT; ++i) acc[i] = _mm256_setzero_ps();
+  const uint8_t* wg = p.packed + g * p.nb * 128;
+  const float* dg = p.d + g * p.nb * kRows;
+  const float* mg = p.m + g * p.nb * kRows;
+  for (int64_t b = 0; b < p.nb; ++b) {
+    __m256i sum16[NT];
+    for (int i = 0; i < NT; ++i) sum16[i] = _mm256_setzero_si256();
+    for (int c = 0; c < 4; ++c) {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + b * 128 + c * 32));
+      const __m256i lo = _mm256_and_si256(raw, low4);
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+      for (int i = 0; i < NT; ++i) {
+        const int8_t* qb = a.q.data() + (t0 + i) * p.K + b * kBlock;
+        const __m256i plo = _mm256_maddubs_epi16(lo, broadcast4(qb + 4 * c));
+        const __m256i phi = _mm256_maddubs_epi16(hi, broadcast4(qb + 16 + 4 * c));
+        sum16[i] = _mm256_add_epi16(sum16[i], _mm256_add_epi16(plo, phi));
+      }
+    }
+    const __m256 dv = _mm256_loadu_ps(dg + b * kRows);
+    const __m256 mv = _mm256_loadu_ps(mg + b * kRows);
+    for (int i = 0; i < NT; ++i) {
+      const int64_t tb = (t0 + i) * p.nb + b;
+      const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum16[i], ones));
+      acc[i] = _mm256_fmadd_ps(dot, _mm256_mul_ps(dv, _mm256_set1_ps(a.scale[tb])), acc[i]);
+      acc[i] = _mm256_fmadd_ps(mv, _mm256_set1_ps(a.sum[tb]), acc[i]);
+    }
+  }
+  for (int i = 0; i < NT; ++i) _mm256_storeu_ps(out[i], acc[i]);
 }
 
-// sum_j u[j] * s[j] for unsigned u (< 128) and signed s, as 8 float lanes.
-inline __m256 dot_u8_i8(__m256i u, __m256i s) {
-  const __m256i pairs = _mm256_maddubs_epi16(u, s);                   // 16 x i16
-  const __m256i quads = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));  // 8 x i32
-  return _mm256_cvtepi32_ps(quads);
+// Q8_0: signed weights, so maddubs takes |w| and the activations carry w's sign; a product
+// pair can reach 2 * 127 * 127, so each piece widens to 32 bits before adding.
+template <int NT>
+void q8_group(const Problem& p, const QuantizedActivations& a, int64_t g, int64_t t0,
+              float out[][kRows]) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[NT];
+  for (int i = 0; i < NT; ++i) acc[i] = _mm256_setzero_ps();
+  const uint8_t* wg = p.packed + g * p.nb * 256;
+  const float* dg = p.d + g * p.nb * kRows;
+  for (int64_t b = 0; b < p.nb; ++b) {
+    __m256i sum32[NT];
+    for (int i = 0; i < NT; ++i) sum32[i] = _mm256_setzero_si256();
+    for (int c = 0; c < 8; ++c) {
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + b * 256 + c * 32));
+      const __m256i magnitude = _mm256_sign_epi8(w, w);
+      for (int i = 0; i < NT; ++i) {
+        const int8_t* qb = a.q.data() + (t0 + i) * p.K + b * kBlock;
+        const __m256i signed_q = _mm256_sign_epi8(broadcast4(qb + 4 * c), w);
+        const __m256i pairs = _mm256_maddubs_epi16(magnitude, signed_q);
+        sum32[i] = _mm256_add_epi32(sum32[i], _mm256_madd_epi16(pairs, ones));
+      }
+    }
+    const __m256 dv = _mm256_loadu_ps(dg + b * kRows);
+    for (int i = 0; i < NT; ++i) {
+      const int64_t tb = (t0 + i) * p.nb + b;
+      const __m256 dot = _mm256_cvtepi32_ps(sum32[i]);
+      acc[i] = _mm256_fmadd_ps(dot, _mm256_mul_ps(dv, _mm256_set1_ps(a.scale[tb])), acc[i]);
+    }
+  }
+  for (int i = 0; i < NT; ++i) _mm256_storeu_ps(out[i], acc[i]);
+}
+
+template <bool Q8, int NT>
+void run_group(const Problem& p, const QuantizedActivations& a, int64_t g, int64_t t0,
+               float* y) {
+  float tile[NT][kRows];
+  if (Q8) {
+    q8_group<NT>(p, a, g, t0, tile);
+  } else {
+    q4_group<NT>(p, a, g, t0, tile);
+  }
+  const int64_t rows = std::min(kRows, p.O - g * kRows);  // the last group may be padding
+  for (int i = 0; i < NT; ++i) std::memcpy(y + (t0 + i) * p.O + g * kRows, tile[i], rows * 4);
+}
+
+template <bool Q8>
+at::Tensor product(const at::Tensor& x, const Problem& p) {
+  const int64_t T = x.size(0);
+  at::Tensor y = at::empty({T, p.O}, x.options());
+  if (T == 0 || p.O == 0) return y;
+  const QuantizedActivations a = quantize_activations(x.data_ptr<float>(), T, p.K);
+  float* out = y.data_ptr<float>();
+  const int64_t groups = (p.O + kRows - 1) / kRows;
+  // A group's weights (<= 8 * K bytes) stay in L1 while the token tiles pass over them.
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      int64_t t0 = 0;
+      for (; t0 + 4 <= T; t0 += 4) run_group<Q8, 4>(p, a, g, t0, out);
+      for (; t0 < T; ++t0) run_group<Q8, 1>(p, a, g, t0, out);
+    }
+  });
+  return y;
 }
 
 void check_input(const at::Tensor& x, int64_t K, const char* name) {
@@ -94,135 +198,52 @@ void check_input(const at::Tensor& x, int64_t K, const char* name) {
               ": x must be a float32 CPU tensor");
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.is_contiguous(), name,
               ": x must be a contiguous [T, K] matrix with K = ", K);
-  TORCH_CHECK(K % kBlock == 0, name, ": K must be a multiple of 32");
 }
 
-// The weight side of one product: Q4_1 (nibbles + d + m) or Q8_0 (int8 + d).
-struct Weights {
-  const uint8_t* nibbles = nullptr;  // Q4_1: [O, K/2]
-  const int8_t* w8 = nullptr;        // Q8_0: [O, K]
-  const float* d = nullptr;          // [O, K/32]
-  const float* m = nullptr;          // Q4_1 only, transposed: [K/32, O]
-  int64_t K = 0;
-  int64_t nb = 0;
-};
-
-// Block b of output row o as (unsigned magnitudes, sign source): for Q4_1 the nibbles are
-// already unsigned; for Q8_0, |w| and w (the activations take w's sign).
-inline __m256i load_weight_block(const Weights& w, int64_t o, int64_t b, __m256i* sign) {
-  if (w.nibbles != nullptr) return unpack_nibbles(w.nibbles + o * (w.K / 2) + b * 16);
-  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.w8 + o * w.K + b * 32));
-  *sign = v;
-  return _mm256_sign_epi8(v, v);
+void check_scales(const at::Tensor& s, int64_t groups, int64_t nb, const char* name) {
+  TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous() && s.dim() == 3 &&
+                  s.size(0) == groups && s.size(1) == nb && s.size(2) == kRows,
+              name, " must be contiguous float32 [O8/8, K/32, 8]");
 }
 
-// NO output rows x NT tokens, every weight block unpacked once for the NT tokens and every
-// activation block loaded once for the NO rows.
-template <int NO, int NT, bool Q8>
-void tile(const Weights& w, const QuantizedActivations& a, int64_t o0, int64_t t0, int64_t O,
-          float* out) {
-  __m256 acc[NO][NT];
-  for (int r = 0; r < NO; ++r)
-    for (int i = 0; i < NT; ++i) acc[r][i] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < w.nb; ++b) {
-    __m256i mag[NO], sgn[NO];
-    float dw[NO];
-    for (int r = 0; r < NO; ++r) {
-      mag[r] = load_weight_block(w, o0 + r, b, &sgn[r]);
-      dw[r] = w.d[(o0 + r) * w.nb + b];
-    }
-    for (int i = 0; i < NT; ++i) {
-      const int64_t tb = (t0 + i) * w.nb + b;
-      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + tb * kBlock));
-      const float s = a.scale[tb];
-      for (int r = 0; r < NO; ++r) {
-        const __m256i qs = Q8 ? _mm256_sign_epi8(q, sgn[r]) : q;
-        acc[r][i] = _mm256_fmadd_ps(dot_u8_i8(mag[r], qs), _mm256_set1_ps(dw[r] * s), acc[r][i]);
-      }
-    }
-  }
-  for (int r = 0; r < NO; ++r)
-    for (int i = 0; i < NT; ++i) out[(t0 + i) * O + o0 + r] = hsum(acc[r][i]);
-}
-
-// Q4_1's minimum term for outputs [o0, o1): y[t, o] += sum_b m[b, o] * s[t, b] * sum_j q
-// (m transposed to [K/32, O], so the loop over o vectorises).
-void add_minimum_term(const Weights& w, const QuantizedActivations& a, int64_t o0, int64_t o1,
-                      int64_t T, int64_t O, float* out) {
-  for (int64_t t = 0; t < T; ++t) {
-    float* yt = out + t * O;
-    for (int64_t b = 0; b < w.nb; ++b) {
-      const float sb = a.sum[t * w.nb + b];
-      const float* mb = w.m + b * O;
-      for (int64_t o = o0; o < o1; ++o) yt[o] += mb[o] * sb;
-    }
-  }
-}
-
-template <int NO, bool Q8>
-void row_tiles(const Weights& w, const QuantizedActivations& a, int64_t o0, int64_t T, int64_t O,
-               float* out) {
-  int64_t t0 = 0;
-  for (; t0 + 4 <= T; t0 += 4) tile<NO, 4, Q8>(w, a, o0, t0, O, out);
-  for (; t0 < T; ++t0) tile<NO, 1, Q8>(w, a, o0, t0, O, out);
-}
-
-template <bool Q8>
-at::Tensor product(const at::Tensor& x, const Weights& w, int64_t O) {
-  const int64_t T = x.size(0);
-  at::Tensor y = at::empty({T, O}, x.options());
-  if (T == 0 || O == 0) return y;
-  const QuantizedActivations a = quantize_activations(x.data_ptr<float>(), T, w.K);
-  float* out = y.data_ptr<float>();
-  at::parallel_for(0, (O + 1) / 2, 8, [&](int64_t begin, int64_t end) {
-    const int64_t o_begin = 2 * begin;
-    const int64_t o_end = std::min(O, 2 * end);
-    int64_t o = o_begin;
-    for (; o + 2 <= o_end; o += 2) row_tiles<2, Q8>(w, a, o, T, O, out);
-    for (; o < o_end; ++o) row_tiles<1, Q8>(w, a, o, T, O, out);
-    if (!Q8) add_minimum_term(w, a, o_begin, o_end, T, O, out);
-  });
-  return y;
+Problem problem(const at::Tensor& packed, int64_t pieces, int64_t out_features,
+                const at::Tensor& d) {
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() &&
+                  packed.dim() == 5 && packed.size(2) == pieces && packed.size(3) == kRows &&
+                  packed.size(4) == 4,
+              "packed must be contiguous uint8 [O8/8, K/32, ", pieces, ", 8, 4]");
+  const int64_t groups = packed.size(0);
+  TORCH_CHECK(out_features > (groups - 1) * kRows && out_features <= groups * kRows,
+              "out_features ", out_features, " does not fit ", groups, " groups of 8 rows");
+  check_scales(d, groups, packed.size(1), "d");
+  Problem p;
+  p.packed = packed.data_ptr<uint8_t>();
+  p.d = d.data_ptr<float>();
+  p.m = nullptr;
+  p.nb = packed.size(1);
+  p.K = p.nb * kBlock;
+  p.O = out_features;
+  return p;
 }
 
 }  // namespace
 
-// y [T, O] = x [T, K] times the Q4_1 weight (nibbles [O, K/2], d [O, K/32], m_t [K/32, O])
-// transposed.
-at::Tensor q4_1_linear(const at::Tensor& x, const at::Tensor& nibbles, const at::Tensor& d,
-                       const at::Tensor& m_t) {
-  const int64_t O = nibbles.size(0);
-  const int64_t K = nibbles.size(1) * 2;
-  check_input(x, K, "q4_1_linear");
-  TORCH_CHECK(nibbles.scalar_type() == at::kByte && nibbles.is_contiguous(), "nibbles: u8");
-  TORCH_CHECK(d.scalar_type() == at::kFloat && m_t.scalar_type() == at::kFloat &&
-                  d.is_contiguous() && m_t.is_contiguous() && d.size(0) == O &&
-                  d.size(1) == K / kBlock && m_t.size(0) == K / kBlock && m_t.size(1) == O,
-              "d must be contiguous float32 [O, K/32] and m_t [K/32, O]");
-  Weights w;
-  w.nibbles = nibbles.data_ptr<uint8_t>();
-  w.d = d.data_ptr<float>();
-  w.m = m_t.data_ptr<float>();
-  w.K = K;
-  w.nb = K / kBlock;
-  return product<false>(x, w, O);
+// y [T, O] = x [T, K] times the Q4_1 weight (8-row interleaved, see above) transposed.
+at::Tensor q4_1_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& d,
+                       const at::Tensor& m, int64_t out_features) {
+  Problem p = problem(packed, 4, out_features, d);
+  check_scales(m, packed.size(0), p.nb, "m");
+  p.m = m.data_ptr<float>();
+  check_input(x, p.K, "q4_1_linear");
+  return product<false>(x, p);
 }
 
-// y [T, O] = x [T, K] times the Q8_0 weight (w8 [O, K] int8, d [O, K/32]) transposed.
-at::Tensor q8_0_linear(const at::Tensor& x, const at::Tensor& w8, const at::Tensor& d) {
-  const int64_t O = w8.size(0);
-  const int64_t K = w8.size(1);
-  check_input(x, K, "q8_0_linear");
-  TORCH_CHECK(w8.scalar_type() == at::kChar && w8.is_contiguous(), "w8: contiguous int8");
-  TORCH_CHECK(d.scalar_type() == at::kFloat && d.is_contiguous() && d.size(0) == O &&
-                  d.size(1) == K / kBlock,
-              "d must be contiguous float32 [O, K/32]");
-  Weights w;
-  w.w8 = w8.data_ptr<int8_t>();
-  w.d = d.data_ptr<float>();
-  w.K = K;
-  w.nb = K / kBlock;
-  return product<true>(x, w, O);
+// y [T, O] = x [T, K] times the Q8_0 weight (8-row interleaved int8, see above) transposed.
+at::Tensor q8_0_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& d,
+                       int64_t out_features) {
+  const Problem p = problem(packed, 8, out_features, d);
+  check_input(x, p.K, "q8_0_linear");
+  return product<true>(x, p);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
