@@ -122,7 +122,7 @@ def prepare_models(
     force: bool = False, *, lm: bool = True, clip: bool = True
 ) -> dict[str, Path | None]:
     """Prepare the default models asked for (and the native kernels); returns `{name: dir}`."""
-    from mora_runtime import native, quantize
+    from mora_runtime import cpu_kernels, native
     from mora_runtime.clip_default import prepare_default_clip
     from mora_runtime.lm import default_lm_is_prepared, prepare_default_lm
 
@@ -130,10 +130,10 @@ def prepare_models(
     kernel = native.build(force=force)
     print(f"routing kernel: {kernel or 'no C compiler found, the tensor path will serve'}")
     if lm:
-        print("int4 kernels: building once (about a minute) ...", flush=True)
+        print("CPU kernels (int4, attention): building once (about a minute) ...", flush=True)
         start = time.perf_counter()
-        state = "ready" if quantize.kernels() is not None else "not for this CPU: float weights"
-        print(f"int4 kernels: {state} ({time.perf_counter() - start:.1f} s)")
+        state = "ready" if cpu_kernels.kernels() is not None else "not for this CPU: float weights"
+        print(f"CPU kernels: {state} ({time.perf_counter() - start:.1f} s)")
         if force or not default_lm_is_prepared():
             print(
                 f"causal LM: converting the bundled SmolLM2-135M-Instruct GGUF into "

@@ -61,6 +61,9 @@ class TokenEvent:
     pool_version: int
     routing: SequenceRouting | None = None  # totals of the request, on the final event
     prompt_logprobs: tuple[tuple[float | None, tuple[tuple[int, float], ...]], ...] | None = None
+    # time.perf_counter() of the engine's process when the token was picked (0: unknown):
+    # consumers that receive events in batches still see when each one was made.
+    emitted_at: float = 0.0
 
 
 @dataclass
@@ -398,6 +401,7 @@ class Engine:
             logits, [s.params for s in seqs], [s.generator for s in seqs], [s.counts for s in seqs]
         )
         finished: list[int] = []
+        now = time.perf_counter()
         for row, (seq, pick) in enumerate(zip(seqs, picks, strict=True)):
             if routing is not None:
                 seq.routing = seq.routing.merge(routing.sequences[row])
@@ -418,6 +422,7 @@ class Engine:
                 pool_version=seq.snapshot.version if seq.snapshot else 0,
                 routing=seq.routing if reason else None,
                 prompt_logprobs=prompt_logprobs[row],
+                emitted_at=now,
             )
             self._deliver(seq, event)
             if reason is not None:

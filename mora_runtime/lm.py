@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mora_runtime import decode_attention
 from mora_runtime.materialize import materialize, read_marker
 from mora_runtime.paths import default_lm_dir
 from mora_runtime.quantize import WeightFormat, int4_supported, quantize_model
@@ -221,6 +222,8 @@ def load_causal_lm(
     model.eval()
     if weight_format == "int4":
         quantize_model(model)
+        # The CPU serving path: decode steps take the attention kernel too (same library).
+        decode_attention.install(model)
 
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+from collections.abc import Sequence
 from pathlib import Path
 
 CACHE_ENV = "MORA_CACHE"
@@ -35,10 +36,12 @@ def default_clip_dir() -> Path:
     return cache_dir() / "models" / DEFAULT_CLIP_NAME
 
 
-def native_build_dir(name: str, source: Path, *inputs: str) -> Path:
-    """`<cache>/native/<name>-<key>` for a kernel built from `source`: the key hashes the
-    source, the machine and `inputs` (flags, versions), so any change builds afresh."""
-    digest = hashlib.sha256(source.read_bytes())
+def native_build_dir(name: str, sources: Path | Sequence[Path], *inputs: str) -> Path:
+    """`<cache>/native/<name>-<key>` for a kernel built from `sources`: the key hashes the
+    sources, the machine and `inputs` (flags, versions), so any change builds afresh."""
+    digest = hashlib.sha256()
+    for source in [sources] if isinstance(sources, Path) else sources:
+        digest.update(source.read_bytes())
     for part in (platform.machine(), *inputs):
         digest.update(part.encode())
     return cache_dir() / "native" / f"{name}-{digest.hexdigest()[:16]}"

@@ -30,74 +30,21 @@ Shape legend: T = tokens, O = out features, K = in features, G = K / 32 blocks.
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
-import platform
-import subprocess
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from .paths import native_build_dir
+from .cpu_kernels import kernels
 
 logger = logging.getLogger(__name__)
 
 WeightFormat = Literal["auto", "float", "int4"]
 BLOCK = 32
-SOURCE = Path(__file__).parent / "csrc" / "quant_gemm.cpp"
-# -fopenmp: at::parallel_for is an inline template whose OpenMP pragma is compiled into this
-# extension; without the flag it silently runs on one thread. The extension then needs
-# libgomp.so.1, which the loader resolves to the copy torch has already loaded (same soname),
-# so there is one OpenMP thread pool, torch's.
-_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp")
 
 
 # --- the kernels ---------------------------------------------------------------------------------
-
-
-def _cpu_has_avx2() -> bool:
-    try:
-        capability = torch.backends.cpu.get_cpu_capability()
-    except (AttributeError, RuntimeError):
-        return False
-    is_x86 = platform.machine().lower() in ("x86_64", "amd64")
-    return is_x86 and capability in ("AVX2", "AVX512")
-
-
-@functools.lru_cache(maxsize=1)
-def kernels() -> Any | None:
-    """The compiled module (`q4_1_linear`, `q8_0_linear`), or None when this machine cannot
-    have it. Compiles on first use (about a minute, once per source and torch version).
-
-    A torch C++ extension rather than a plain C library like the routing kernel: it splits
-    its work with torch's own thread pool, where threads of its own would fight torch's for
-    the cores."""
-    if not _cpu_has_avx2():
-        return None
-    import ninja
-    from torch.utils.cpp_extension import load
-
-    # torch runs `ninja` from PATH; the pinned one lives next to this interpreter's packages.
-    if ninja.BIN_DIR not in os.environ.get("PATH", "").split(os.pathsep):
-        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-    directory = native_build_dir("quant", SOURCE, torch.__version__, *_FLAGS)
-    directory.mkdir(parents=True, exist_ok=True)
-    try:
-        # torch's loader locks the directory, so replicas starting together build once.
-        return load(
-            name=f"mora_{directory.name.replace('-', '_')}",
-            sources=[str(SOURCE)],
-            extra_cflags=list(_FLAGS),
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(directory),
-            verbose=False,
-        )
-    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-        logger.warning("quantised kernels unavailable (%s): weights stay float", error)
-        return None
 
 
 def int4_supported(device: torch.device | str = "cpu") -> bool:

@@ -59,10 +59,12 @@ class LMBackend(Protocol):
     async def detokenize(self, ids: list[int]) -> str: ...
 
     def generate(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, *, stream: bool
     ) -> AsyncIterator[TokenEvent]:
         """Yield events until one has `finish_reason` set. Closing or cancelling the
-        iterator aborts the request and frees its engine slot."""
+        iterator aborts the request and frees its engine slot. `stream=False` (the client
+        reads nothing before the end) lets the backend deliver the events after the first
+        in fewer, larger messages."""
         ...
 
 

@@ -47,18 +47,20 @@ class RayLMBackend:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     async def generate(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, *, stream: bool
     ) -> AsyncIterator[TokenEvent]:
-        stream = self.handle.generate.remote(request_id, prompt_ids, params)
+        # Items are lists of events (LMServer.generate batches them) or one error dict.
+        items = self.handle.generate.remote(request_id, prompt_ids, params, stream)
         finished = False
         try:
-            async for item in stream:
+            async for item in items:
                 if isinstance(item, dict):
                     if item.get("error") == "overloaded":
                         raise Overloaded(item["message"], retry_after=RETRY_AFTER_S)
                     raise BadRequest(item.get("message", "bad request"))
-                finished = item.finish_reason is not None
-                yield item
+                for event in item:
+                    finished = event.finish_reason is not None
+                    yield event
         except BackPressureError as exc:
             raise Overloaded(
                 f"the model is at capacity, retry shortly ({exc})", retry_after=RETRY_AFTER_S
@@ -69,7 +71,7 @@ class RayLMBackend:
                 # that was never assigned (backpressure) makes cancel() re-raise that error,
                 # which would replace the Overloaded above with Ray's plain-text 503.
                 with contextlib.suppress(Exception):
-                    stream.cancel()
+                    items.cancel()
 
 
 class RayClipBackend:

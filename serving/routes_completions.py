@@ -90,7 +90,9 @@ class Choice:
         req = job.req
         self.job, self.index, self.prompt_ids, self.echo_text = job, index, prompt_ids, echo_text
         params = req.to_sampling_params(job.state.params_cls, index=index % req.n)
-        self.events = job.lm.generate(f"{job.id}-{index}", prompt_ids, params)
+        self.events = job.lm.generate(
+            f"{job.id}-{index}", prompt_ids, params, stream=bool(req.stream)
+        )
         self.text = ChoiceText(
             job.lm.detokenize,
             context_ids=prompt_ids,
@@ -110,13 +112,12 @@ class Choice:
         except StopAsyncIteration:
             raise RuntimeError("the backend ended a request without a final event") from None
         if event.token_id is not None:
-            now = time.perf_counter()
             metrics, model = self.job.state.metrics, self.job.model
-            if self._last_token_at is None:
-                metrics.first_token(model, now - self.job.started)
-            else:
-                metrics.inter_token(model, now - self._last_token_at)
-            self._last_token_at = now
+            if self._last_token_at is None:  # the first event always arrives on its own
+                metrics.first_token(model, time.perf_counter() - self.job.started)
+            else:  # later ones may come in batches: the engine's own clock spaces them
+                metrics.inter_token(model, max(event.emitted_at - self._last_token_at, 0.0))
+            self._last_token_at = event.emitted_at
         return event
 
     async def start(self) -> None:

@@ -245,8 +245,3 @@ at::Tensor q8_0_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   check_input(x, p.K, "q8_0_linear");
   return product<true>(x, p);
 }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.def("q4_1_linear", &q4_1_linear, "x @ dequant(Q4_1 weight).T, 8-bit activations");
-  module.def("q8_0_linear", &q8_0_linear, "x @ dequant(Q8_0 weight).T, 8-bit activations");
-}

@@ -55,6 +55,7 @@ class TokenEvent:
     pool_version: int
     routing: SequenceRouting | None = None
     prompt_logprobs: tuple[tuple[float | None, tuple[tuple[int, float], ...]], ...] | None = None
+    emitted_at: float = 0.0
 
 
 def encode(text: str) -> list[int]:
@@ -112,6 +113,7 @@ class FakeLM:
         self.cancelled: set[str] = set()
         self.finished: set[str] = set()
         self.first_token_sent = threading.Event()
+        self.streamed: list[bool] = []  # the `stream` flag of every generate call
 
     async def tokenize(self, text: str) -> list[int]:
         return encode(text)
@@ -124,9 +126,10 @@ class FakeLM:
         return encode(self.script[shift:] + self.script[:shift])
 
     async def generate(
-        self, request_id: str, prompt_ids: list[int], params: Any
+        self, request_id: str, prompt_ids: list[int], params: Any, *, stream: bool
     ) -> AsyncIterator[TokenEvent]:
         self.requests.append((request_id, list(prompt_ids), params))
+        self.streamed.append(stream)
         if self.fail_with is not None:
             raise self.fail_with
         out = self.output_ids(params.seed)
@@ -182,6 +185,7 @@ class FakeLM:
             pool_version=self.pool_version,
             routing=routing_for(step + 1) if reason else None,
             prompt_logprobs=prompt_lp,
+            emitted_at=time.perf_counter(),
         )
 
 

@@ -315,6 +315,13 @@ def test_metrics_hook_sees_requests_tokens_and_routing(client, metrics):
     assert routing.observations == 8
 
 
+def test_the_backend_learns_whether_the_client_streams(client, lm):
+    """Non-streaming requests let the backend batch events (fewer messages across Ray)."""
+    complete(client, max_tokens=2, n=2)
+    stream(client, max_tokens=2)
+    assert lm.streamed == [False, False, True]
+
+
 def test_the_app_imports_neither_ray_nor_torch():
     code = (
         "import sys, serving.api, serving.routes_completions, serving.routes_classify; "

@@ -1,0 +1,16 @@
+// The Python module of the CPU kernels (built by mora_runtime/cpu_kernels.py).
+#include <torch/extension.h>
+
+at::Tensor q4_1_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& d,
+                       const at::Tensor& m, int64_t out_features);
+at::Tensor q8_0_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& d,
+                       int64_t out_features);
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& mask, double scale);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def("q4_1_linear", &q4_1_linear, "x @ dequant(Q4_1 weight).T, 8-bit activations");
+  module.def("q8_0_linear", &q8_0_linear, "x @ dequant(Q8_0 weight).T, 8-bit activations");
+  module.def("decode_attention", &decode_attention,
+             "one query token per sequence against its cached keys and values");
+}
