@@ -1,5 +1,6 @@
-"""The torch C++ extension of CPU kernels for serving: int4/int8 products (quantize.py) and
-decode-step attention (decode_attention.py), built once per source, machine and torch.
+"""The torch C++ extension of CPU kernels for serving: int4/int8 products (quantize.py),
+decode-step attention (decode_attention.py) and expert scores (patching.py), built once per
+source, machine and torch.
 
 A torch extension rather than a plain C library like the routing kernel: its loops split
 their work with torch's own thread pool, where threads of their own would fight torch's for
@@ -24,7 +25,10 @@ from .paths import native_build_dir
 logger = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).parent / "csrc"
-SOURCES = (_CSRC / "bindings.cpp", _CSRC / "quant_gemm.cpp", _CSRC / "decode_attention.cpp")
+SOURCES = tuple(
+    _CSRC / name
+    for name in ("bindings.cpp", "quant_gemm.cpp", "decode_attention.cpp", "expert_scores.cpp")
+)
 # -fopenmp: at::parallel_for is an inline template whose OpenMP pragma is compiled into this
 # extension; without the flag it silently runs on one thread. The extension then needs
 # libgomp.so.1, which the loader resolves to the copy torch has already loaded (same soname),
@@ -43,8 +47,9 @@ def _cpu_has_avx2() -> bool:
 
 @functools.lru_cache(maxsize=1)
 def kernels() -> Any | None:
-    """The compiled module (`q4_1_linear`, `q8_0_linear`, `decode_attention`), or None when
-    this machine cannot have it. Compiles on first use (about a minute, once)."""
+    """The compiled module (`q4_1_linear`, `q8_0_linear`, `decode_attention`,
+    `expert_scores`), or None when this machine cannot have it. Compiles on first use (about
+    a minute, once)."""
     if not _cpu_has_avx2():
         return None
     import ninja
