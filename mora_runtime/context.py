@@ -256,13 +256,14 @@ class ForwardContext:
                 rows = [i for i, k in enumerate(recorder.kinds) if k == kind]
                 means = counts[rows].double().mean(dim=0)  # [T]
                 per_kind.setdefault(kind, []).extend(means.tolist())
-        hits = self._hits.cpu() if self._hits is not None else None
+        # Plain lists: a tensor sum per (sequence, set) cost ~10 us each, every step.
+        hits = self._hits.tolist() if self._hits is not None else None
         sequences = []
         for i, snap in enumerate(self.snapshots):
             per_set: dict[str, int] = {}
             if hits is not None:
                 for entry in snap.sets:
-                    count = int(hits[i, entry.slot_start : entry.slot_start + entry.rank].sum())
+                    count = sum(hits[i][entry.slot_start : entry.slot_start + entry.rank])
                     if count:
                         per_set[entry.name] = count
             sequences.append(SequenceRouting(observations[i], active[i], per_set))
