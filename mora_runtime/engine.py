@@ -29,6 +29,7 @@ from .kv_cache import BatchKVCache
 from .openmp import in_fresh_thread
 from .patching import forward_context
 from .pool import ExpertPool, PoolSnapshot
+from .prefix_cache import BLOCK, PrefixCache
 from .sampling import SamplingParams, sample_next
 from .stats import SequenceRouting, StepTiming
 
@@ -47,6 +48,7 @@ class EngineConfig:
     max_running: int = 32  # sequences decoded together
     max_waiting: int = 256  # queued requests before `submit` refuses
     max_prefill_tokens: int = 4096  # prompt tokens prefilled in one step
+    prefix_cache_blocks: int = 128  # prompt blocks of 16 tokens kept for reuse (0: off)
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,7 @@ class Engine:
         # (fn, future) pairs that run_exclusive hands to the engine thread
         self._exclusive: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]]
         self._exclusive = collections.deque()
+        self.prefix_cache = PrefixCache(self.config.prefix_cache_blocks)
 
     # ------------------------------------------------------------------ public API
     @property
@@ -318,17 +321,45 @@ class Engine:
             return None
         return [default if v is None else v for v in values]
 
+    @staticmethod
+    def _prefix_context(seq: _Sequence) -> tuple:
+        """What besides the tokens decides a prompt's keys and values (prefix_cache.py)."""
+        version = seq.snapshot.version if seq.snapshot is not None else None
+        return (version, seq.params.top_k, seq.params.threshold)
+
     def _prefill(self, seqs: list[_Sequence]) -> dict[str, tuple[float, ...]]:
-        lengths = [len(s.prompt) for s in seqs]
-        width = max(lengths)
+        """Prefill the admitted prompts together: left-padded, each row's cached prefix
+        blocks (if any) in the cache columns in front, only the rest computed."""
+        contexts = [self._prefix_context(s) for s in seqs]
+        reused = [
+            # Prompt logprobs need every prompt position's logits: nothing reused for them.
+            []
+            if s.params.prompt_logprobs is not None or self.prefix_cache.max_blocks <= 0
+            else self.prefix_cache.lookup(ctx, s.prompt)
+            for s, ctx in zip(seqs, contexts, strict=True)
+        ]
+        cached = [BLOCK * len(blocks) for blocks in reused]
+        suffixes = [s.prompt[c:] for s, c in zip(seqs, cached, strict=True)]
+        prefix_width, width = max(cached), max(map(len, suffixes))
         ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)  # [n, P]
-        mask = torch.zeros(len(seqs), width, dtype=torch.long)  # [n, P]
-        for row, seq in enumerate(seqs):
-            ids[row, width - len(seq.prompt) :] = torch.tensor(seq.prompt)
-            mask[row, width - len(seq.prompt) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)  # [n, P]
+        mask = torch.zeros(len(seqs), prefix_width + width, dtype=torch.long)  # [n, C + P]
+        positions = torch.zeros(len(seqs), width, dtype=torch.long)  # [n, P]
+        for row, (suffix, start) in enumerate(zip(suffixes, cached, strict=True)):
+            ids[row, width - len(suffix) :] = torch.tensor(suffix)
+            mask[row, prefix_width - start : prefix_width] = 1
+            mask[row, prefix_width + width - len(suffix) :] = 1
+            positions[row, width - len(suffix) :] = torch.arange(start, start + len(suffix))
         ids, mask, positions = (t.to(self.device) for t in (ids, mask, positions))
-        cache = BatchKVCache(self.num_layers)
+        if prefix_width:
+            rows = [
+                [torch.cat([b[i] for b in blocks], dim=1) for i in range(2 * self.num_layers)]
+                if blocks
+                else []
+                for blocks in reused
+            ]
+            cache = BatchKVCache.from_prefixes(self.num_layers, rows, prefix_width)
+        else:
+            cache = BatchKVCache(self.num_layers)
         want_prompt_logprobs = any(s.params.prompt_logprobs is not None for s in seqs)
         logits, routing = self._forward(
             seqs,
@@ -337,19 +368,36 @@ class Engine:
             positions,
             cache=cache,
             all_logits=want_prompt_logprobs,
-            valid=mask.reshape(-1).bool(),
+            valid=mask[:, prefix_width:].reshape(-1).bool(),
         )
+        self._store_prefixes(seqs, contexts, cached, cache, prefix_width + width)
         prompt_logprobs = (
             [self._prompt_logprobs(s, logits[row], width) for row, s in enumerate(seqs)]
             if want_prompt_logprobs
             else [None] * len(seqs)
         )
-        for seq, length in zip(seqs, lengths, strict=True):
-            seq.position = length - 1  # the last prompt token's; _emit_step moves it to the pick
+        for seq in seqs:
+            seq.position = len(seq.prompt) - 1  # the last prompt token's; _emit_step moves it
         first_row = len(self._running) if self._cache is not None else 0
         self._merge(seqs, cache, mask)  # the new rows go after the running ones
         self._emit_step(seqs, logits[:, -1].float(), routing, prompt_logprobs, first_row)
         return routing.per_token if routing is not None else {}
+
+    def _store_prefixes(
+        self, seqs: list[_Sequence], contexts: list[tuple], cached: list[int], cache, end: int
+    ) -> None:
+        """Keep the full prompt blocks this prefill computed (prefix_cache.py)."""
+        for row, (seq, ctx, start) in enumerate(zip(seqs, contexts, cached, strict=True)):
+            # Prompt token j >= start sits in column end - len(prompt) + j.
+            offset = end - len(seq.prompt)
+            for block_end in self.prefix_cache.wants(ctx, seq.prompt, start):
+                first = offset + block_end - BLOCK
+                block = tuple(
+                    t[row, :, first : first + BLOCK].clone()
+                    for layer in cache.layers
+                    for t in (layer.keys, layer.values)
+                )
+                self.prefix_cache.store(ctx, seq.prompt, block_end, block)
 
     def _prompt_logprobs(self, seq: _Sequence, logits: Tensor, width: int):
         if seq.params.prompt_logprobs is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import logging
 import os
 import threading
@@ -219,21 +220,33 @@ class ClipServer(_ReplicaBase):
         self.model_name = cfg.clip.served_name
         if cfg.clip.torch_threads:
             _set_torch_threads(cfg.clip.torch_threads)
-        loaded = await asyncio.to_thread(load_clip, cfg.clip.model_dir)
+        # All torch work of this replica (loading, batches, pool mutations) on one thread:
+        # each thread that runs torch ops keeps an OpenMP pool of its own, and two of them
+        # slow every op (mora_runtime/openmp.py). One worker also serialises batches and
+        # mutations, so a mutation always lands between two batches.
+        self._torch = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="clip-torch")
+        self._torch_ident = self._torch.submit(threading.get_ident).result()
+        loop = asyncio.get_running_loop()
+        loaded = await loop.run_in_executor(self._torch, load_clip, cfg.clip.model_dir)
         self.classifier = ClipClassifier(loaded)
-        pool = self.classifier.patch(_routing(cfg.clip.routing), capacity=cfg.clip.pool_capacity)
+        pool = await loop.run_in_executor(
+            self._torch,
+            lambda: self.classifier.patch(
+                _routing(cfg.clip.routing), capacity=cfg.clip.pool_capacity
+            ),
+        )
         self.base_labels = tuple(loaded.base_labels)
         self.activations: collections.Counter[str] = collections.Counter()
-        # Forward passes and pool mutations take turns (mutations run between batches).
-        self._forward_lock = threading.Lock()
         self.replica = ReplicaPool(pool, loaded.model, "clip", cfg.expert_store, self._exclusive)
         self._classify_batch.set_max_batch_size(cfg.clip.max_batch_size)
         self._classify_batch.set_batch_wait_timeout_s(cfg.clip.batch_wait_timeout_s)
         await self._start_sync(cfg.expert_store)
 
     def _exclusive(self, fn):
-        with self._forward_lock:
+        """Run a pool mutation on the torch thread, between two batches (blocking)."""
+        if threading.get_ident() == self._torch_ident:
             return fn()
+        return self._torch.submit(fn).result()
 
     def default_labels(self) -> list[str]:
         labels = list(self.base_labels)
@@ -246,18 +259,16 @@ class ClipServer(_ReplicaBase):
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _classify_batch(self, requests: list[tuple]) -> list[ClassifyResult]:
-        return await asyncio.to_thread(self._run_batch, requests)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._torch, self._run_batch, requests)
 
     def _run_batch(self, requests: list[tuple]) -> list[ClassifyResult]:
-        with self._forward_lock:
-            pool = self.replica.pool
-            snapshot = pool.acquire()  # one version for the whole batch
-            try:
-                return [
-                    self._one(images, labels, mora, snapshot) for images, labels, mora in requests
-                ]
-            finally:
-                pool.release(snapshot)
+        pool = self.replica.pool
+        snapshot = pool.acquire()  # one version for the whole batch
+        try:
+            return [self._one(images, labels, mora, snapshot) for images, labels, mora in requests]
+        finally:
+            pool.release(snapshot)
 
     def _one(self, images, labels, mora, snapshot) -> ClassifyResult:
         labels = list(labels) if labels else self.default_labels()
