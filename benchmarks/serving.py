@@ -11,7 +11,9 @@ twice: first with float32 weights (`lm.weights: float`, concurrency 1 and 16: wh
 engine alone gains), then with its default weights (`auto`: int4 for the bundled 4-bit
 model) at concurrency 1, 4, 32 and 16; then `--sets` random expert sets x 16 ranks on
 q/k/v/o are hot-loaded through POST /v1/experts and concurrency 16 runs again, against the
-empty pool just before.
+empty pool just before; last, concurrency 16 with the prefix cache off (the prompts cycle
+through 8 chat questions, so later requests reuse their whole question's blocks, and every
+request the chat template's first block).
 
 The server is started with `serving.launcher.start` on free ports with CLIP off; torch in
 the LM replica uses as many threads as the in-process baselines (`lm.torch_threads`).
@@ -204,7 +206,9 @@ def main() -> None:
     token = secrets.token_hex(8)
     measured: dict[str, Run] = {}
 
-    def serve(weights: str, plan: list[tuple[str, str, int]], *, load_sets: bool) -> None:
+    def serve(
+        weights: str, plan: list[tuple[str, str, int]], *, load_sets: bool, prefix_cache=True
+    ) -> None:
         http_port, metrics_port = free_ports(2)
         cfg = ServerConfig.model_validate(
             {
@@ -213,7 +217,11 @@ def main() -> None:
                 "expert_store": str(root / "store"),
                 "admin_token": token,
                 # as many torch threads as the in-process baselines
-                "lm": {"torch_threads": threads, "weights": weights},
+                "lm": {
+                    "torch_threads": threads,
+                    "weights": weights,
+                    **({} if prefix_cache else {"prefix_cache_blocks": 0}),
+                },
                 "clip": {"enabled": False},
             }
         ).resolved()
@@ -252,6 +260,9 @@ def main() -> None:
     # 16 last: the empty-pool reference for the pool run
     plan = [(f"c{c}", f"server, concurrency {c}", c) for c in (1, 4, 32, 16)]
     serve("auto", plan, load_sets=True)
+    # What reusing prompt blocks adds: the 8 questions repeat, and all share the template.
+    plan = [("c16-nocache", "server, concurrency 16, prefix cache off", 16)]
+    serve("auto", plan, load_sets=False, prefix_cache=False)
     baselines("-after", "after the server")
     runs.update(measured)
     order = (
@@ -268,6 +279,7 @@ def main() -> None:
         "c16",
         "c32",
         "pool",
+        "c16-nocache",
     )
     text = table({key: runs[key] for key in order}, args, threads)
     print("\n" + text)

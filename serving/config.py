@@ -43,6 +43,8 @@ class LMSettings(_Strict):
     pool_capacity: int = Field(256, ge=1)
     max_running: int = Field(32, ge=1)
     max_waiting: int = Field(64, ge=1)
+    # prompt blocks of 16 tokens whose keys/values are kept for reuse (0: no prefix cache)
+    prefix_cache_blocks: int = Field(128, ge=0)
     max_ongoing_requests: int = Field(96, ge=1)
     max_queued_requests: int = Field(64, ge=-1)
     num_cpus: float = Field(1.0, ge=0)

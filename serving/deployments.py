@@ -140,7 +140,11 @@ class LMServer(_ReplicaBase):
             max_context=lm.max_context,
             pad_token_id=lm.tokenizer.pad_token_id or 0,
             pool=pool,
-            config=EngineConfig(max_running=cfg.lm.max_running, max_waiting=cfg.lm.max_waiting),
+            config=EngineConfig(
+                max_running=cfg.lm.max_running,
+                max_waiting=cfg.lm.max_waiting,
+                prefix_cache_blocks=cfg.lm.prefix_cache_blocks,
+            ),
             on_step=self._on_step,
         )
         self.replica = ReplicaPool(
