@@ -207,14 +207,19 @@ def main() -> None:
     measured: dict[str, Run] = {}
 
     def serve(
-        weights: str, plan: list[tuple[str, str, int]], *, load_sets: bool, prefix_cache=True
+        weights: str,
+        plan: list[tuple[str, str, int]],
+        *,
+        load_sets: bool,
+        prefix_cache: bool = True,
+        store: str = "store",
     ) -> None:
         http_port, metrics_port = free_ports(2)
         cfg = ServerConfig.model_validate(
             {
                 "port": http_port,
                 "metrics_port": metrics_port,
-                "expert_store": str(root / "store"),
+                "expert_store": str(root / store),  # its registry.json persists loaded sets
                 "admin_token": token,
                 # as many torch threads as the in-process baselines
                 "lm": {
@@ -262,7 +267,7 @@ def main() -> None:
     serve("auto", plan, load_sets=True)
     # What reusing prompt blocks adds: the 8 questions repeat, and all share the template.
     plan = [("c16-nocache", "server, concurrency 16, prefix cache off", 16)]
-    serve("auto", plan, load_sets=False, prefix_cache=False)
+    serve("auto", plan, load_sets=False, prefix_cache=False, store="empty-store")
     baselines("-after", "after the server")
     runs.update(measured)
     order = (
