@@ -5,6 +5,9 @@ One background thread runs `step()` forever. A step either prefills newly admitt
 every running sequence. Finished and aborted sequences leave the batch at once. Every
 sequence is pinned to the pool version it was admitted at; pool mutations run between steps
 through `run_exclusive`, so a forward never sees a half-loaded expert set.
+Prompt blocks already prefilled under the same pool version and routing are reused
+(prefix_cache.py): a row's cached prefix goes into the cache columns in front of its
+remaining tokens.
 
 Shape legend: S = running sequences, L = cache columns, V = vocabulary, P = prompt length.
 """
