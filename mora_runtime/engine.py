@@ -32,7 +32,7 @@ from .kv_cache import BatchKVCache
 from .openmp import in_fresh_thread
 from .patching import forward_context
 from .pool import ExpertPool, PoolSnapshot
-from .prefix_cache import BLOCK, PrefixCache
+from .prefix_cache import BLOCK, PrefixCache, block_keys
 from .sampling import SamplingParams, sample_next
 from .stats import SequenceRouting, StepTiming
 
@@ -333,13 +333,13 @@ class Engine:
     def _prefill(self, seqs: list[_Sequence]) -> dict[str, tuple[float, ...]]:
         """Prefill the admitted prompts together: left-padded, each row's cached prefix
         blocks (if any) in the cache columns in front, only the rest computed."""
-        contexts = [self._prefix_context(s) for s in seqs]
+        keys = [block_keys(self._prefix_context(s), s.prompt) for s in seqs]
         reused = [
             # Prompt logprobs need every prompt position's logits: nothing reused for them.
             []
-            if s.params.prompt_logprobs is not None or self.prefix_cache.max_blocks <= 0
-            else self.prefix_cache.lookup(ctx, s.prompt)
-            for s, ctx in zip(seqs, contexts, strict=True)
+            if s.params.prompt_logprobs is not None
+            else self.prefix_cache.lookup(k, len(s.prompt))
+            for s, k in zip(seqs, keys, strict=True)
         ]
         cached = [BLOCK * len(blocks) for blocks in reused]
         suffixes = [s.prompt[c:] for s, c in zip(seqs, cached, strict=True)]
@@ -354,13 +354,7 @@ class Engine:
             positions[row, width - len(suffix) :] = torch.arange(start, start + len(suffix))
         ids, mask, positions = (t.to(self.device) for t in (ids, mask, positions))
         if prefix_width:
-            rows = [
-                [torch.cat([b[i] for b in blocks], dim=1) for i in range(2 * self.num_layers)]
-                if blocks
-                else []
-                for blocks in reused
-            ]
-            cache = BatchKVCache.from_prefixes(self.num_layers, rows, prefix_width)
+            cache = BatchKVCache.from_blocks(self.num_layers, reused, BLOCK, prefix_width)
         else:
             cache = BatchKVCache(self.num_layers)
         want_prompt_logprobs = any(s.params.prompt_logprobs is not None for s in seqs)
@@ -373,7 +367,7 @@ class Engine:
             all_logits=want_prompt_logprobs,
             valid=mask[:, prefix_width:].reshape(-1).bool(),
         )
-        self._store_prefixes(seqs, contexts, cached, cache, prefix_width + width)
+        self._store_prefixes(seqs, keys, cache, prefix_width + width)
         prompt_logprobs = (
             [self._prompt_logprobs(s, logits[row], width) for row, s in enumerate(seqs)]
             if want_prompt_logprobs
@@ -387,20 +381,25 @@ class Engine:
         return routing.per_token if routing is not None else {}
 
     def _store_prefixes(
-        self, seqs: list[_Sequence], contexts: list[tuple], cached: list[int], cache, end: int
+        self, seqs: list[_Sequence], keys: list[list[bytes]], cache: BatchKVCache, end: int
     ) -> None:
-        """Keep the full prompt blocks this prefill computed (prefix_cache.py)."""
-        for row, (seq, ctx, start) in enumerate(zip(seqs, contexts, cached, strict=True)):
-            # Prompt token j >= start sits in column end - len(prompt) + j.
+        """Keep the full prompt blocks not stored yet (prefix_cache.py). A computed prompt
+        token j sits in column end - len(prompt) + j; stored blocks are all in front of the
+        computed ones, so every block missing here was computed by this prefill."""
+        if self.prefix_cache.max_blocks <= 0:
+            return
+        for row, (seq, row_keys) in enumerate(zip(seqs, keys, strict=True)):
             offset = end - len(seq.prompt)
-            for block_end in self.prefix_cache.wants(ctx, seq.prompt, start):
-                first = offset + block_end - BLOCK
+            for index, key in enumerate(row_keys):
+                if key in self.prefix_cache:
+                    continue
+                first = offset + index * BLOCK
                 block = tuple(
                     t[row, :, first : first + BLOCK].clone()
                     for layer in cache.layers
                     for t in (layer.keys, layer.values)
                 )
-                self.prefix_cache.store(ctx, seq.prompt, block_end, block)
+                self.prefix_cache.store(key, block)
 
     def _prompt_logprobs(self, seq: _Sequence, logits: Tensor, width: int):
         if seq.params.prompt_logprobs is None:

@@ -122,22 +122,25 @@ class BatchKVCache(DynamicCache):
         return merged, length - first.length, length - second.length
 
     @classmethod
-    def from_prefixes(cls, num_layers: int, rows: list[list[Tensor]], length: int) -> BatchKVCache:
-        """A cache of len(rows) rows whose first `length` columns hold cached prompt
-        prefixes, right-aligned (left padding in front of shorter ones). `rows[r]` is that
-        row's keys and values per layer, [2 * layers] tensors of [H, n_r, d] (empty: none)."""
-        sample = next(row for row in rows if row)
+    def from_blocks(
+        cls, num_layers: int, rows: list[list[tuple[Tensor, ...]]], block: int, length: int
+    ) -> BatchKVCache:
+        """A cache of len(rows) rows whose first `length` columns hold cached prompt blocks,
+        right-aligned (left padding in front of shorter runs). `rows[r]` is row r's run of
+        blocks (maybe none), each (k_0, v_0, k_1, v_1, ...) of [H, block, d] per layer."""
+        sample = next(blocks[0] for blocks in rows if blocks)
         cache = cls(num_layers)
         capacity = max(_MIN_CAPACITY, 2 * length)
         for index, layer in enumerate(cache.layers):
             k0, v0 = sample[2 * index], sample[2 * index + 1]
             keys = k0.new_zeros(len(rows), k0.shape[0], capacity, k0.shape[-1])  # [S, H, C, d]
             values = v0.new_zeros(len(rows), v0.shape[0], capacity, v0.shape[-1])
-            for r, row in enumerate(rows):
-                if row:
-                    k, v = row[2 * index], row[2 * index + 1]
-                    keys[r, :, length - k.shape[1] : length] = k
-                    values[r, :, length - v.shape[1] : length] = v
+            for r, blocks in enumerate(rows):
+                start = length - block * len(blocks)
+                for i, kv in enumerate(blocks):
+                    columns = slice(start + i * block, start + (i + 1) * block)
+                    keys[r, :, columns] = kv[2 * index]
+                    values[r, :, columns] = kv[2 * index + 1]
             layer.keys, layer.values, layer.length = keys, values, length
             layer.device, layer.is_initialized = keys.device, True
         return cache

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from mora_runtime.patching import patch_model
-from mora_runtime.prefix_cache import BLOCK, PrefixCache
+from mora_runtime.prefix_cache import BLOCK, PrefixCache, block_keys
 from mora_runtime.sampling import SamplingParams
 
 from .test_engine import VOCAB, make_engine, run_concurrently, tiny_llama, tokens
@@ -98,15 +98,20 @@ def test_lookup_leaves_the_last_token_and_the_oldest_blocks_go_first():
     cache = PrefixCache(max_blocks=3)
     prompt = list(range(2 * BLOCK))  # exactly two blocks
     block = (torch.zeros(1, BLOCK, 2),)
-    assert cache.wants("v", prompt, 0) == [BLOCK, 2 * BLOCK]
-    for end in cache.wants("v", prompt, 0):
-        cache.store("v", prompt, end, block)
-    assert len(cache.lookup("v", prompt)) == 1  # the second block holds the last token
-    assert len(cache.lookup("v", [*prompt, 7])) == 2
-    assert cache.lookup("w", [*prompt, 7]) == []  # another context
-    other = [99, *prompt[1:]]
-    cache.store("v", other, BLOCK, block)  # evicts the least recently used block
-    cache.store("v", other, 2 * BLOCK, block)
+    keys = block_keys("v", prompt)
+    assert len(keys) == 2 and block_keys("v", [*prompt, 7]) == keys  # full blocks only
+    assert block_keys("v", [1, *prompt[1:]])[1] != keys[1]  # a block's key covers the past
+    for key in keys:
+        cache.store(key, block)
+    assert len(cache.lookup(keys, len(prompt))) == 1  # the second block holds the last token
+    assert len(cache.lookup(keys, len(prompt) + 1)) == 2
+    assert cache.lookup(block_keys("w", prompt), len(prompt) + 1) == []  # another context
+    other = block_keys("v", [99, *prompt[1:]])
+    cache.store(other[0], block)  # evicts the least recently used block
+    cache.store(other[1], block)
     assert len(cache) == 3
-    assert cache.lookup("v", [*prompt, 7]) == []  # its first block is gone
-    assert len(cache.lookup("v", [*other, 7])) == 2
+    assert cache.lookup(keys, len(prompt) + 1) == []  # its first block is gone
+    assert len(cache.lookup(other, len(prompt) + 1)) == 2
+    off = PrefixCache(max_blocks=0)
+    off.store(keys[0], block)
+    assert len(off) == 0 and off.lookup(keys, len(prompt) + 1) == []
