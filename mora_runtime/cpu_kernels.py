@@ -58,7 +58,7 @@ def kernels() -> Any | None:
     # torch runs `ninja` from PATH; the pinned one lives next to this interpreter's packages.
     if ninja.BIN_DIR not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-    directory = native_build_dir("cpu", SOURCES, torch.__version__, *_FLAGS)
+    directory = native_build_dir("cpu", (*SOURCES, _CSRC / "avx2.h"), torch.__version__, *_FLAGS)
     directory.mkdir(parents=True, exist_ok=True)
     try:
         # torch's loader locks the directory, so replicas starting together build once.

@@ -21,20 +21,9 @@
 #include <limits>
 #include <vector>
 
-#if !defined(__AVX2__) || !defined(__FMA__)
-#error "decode_attention.cpp needs AVX2 and FMA (the loader builds it only for such CPUs)"
-#endif
-#include <immintrin.h>
+#include "avx2.h"
 
 namespace {
-
-inline float hsum(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v);
-  lo = _mm_add_ps(lo, _mm256_extractf128_ps(v, 1));
-  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-  return _mm_cvtss_f32(lo);
-}
 
 // exp(x) for x <= 0 (scores minus their maximum), 8 lanes: Cephes' single-precision
 // polynomial after reducing by powers of two (relative error ~1e-7); below -87 the result

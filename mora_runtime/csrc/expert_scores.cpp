@@ -11,20 +11,9 @@
 
 #include <cstdint>
 
-#if !defined(__AVX2__) || !defined(__FMA__)
-#error "expert_scores.cpp needs AVX2 and FMA (the loader builds it only for such CPUs)"
-#endif
-#include <immintrin.h>
+#include "avx2.h"
 
 namespace {
-
-inline float hsum(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v);
-  lo = _mm_add_ps(lo, _mm256_extractf128_ps(v, 1));
-  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-  return _mm_cvtss_f32(lo);
-}
 
 // z[t0 .. t0+NT, n0 .. n0+NK]; D is a multiple of 8 here (the tail is done by the caller).
 template <int NK, int NT>

@@ -34,10 +34,7 @@
 #include <cstring>
 #include <vector>
 
-#if !defined(__AVX2__) || !defined(__FMA__)
-#error "quant_gemm.cpp needs AVX2 and FMA (the loader builds it only for such CPUs)"
-#endif
-#include <immintrin.h>
+#include "avx2.h"
 
 namespace {
 
