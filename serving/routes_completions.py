@@ -113,11 +113,15 @@ class Choice:
             raise RuntimeError("the backend ended a request without a final event") from None
         if event.token_id is not None:
             metrics, model = self.job.state.metrics, self.job.model
+            now = time.perf_counter()
+            # The engine's clock when the backend stamps events (TokenEvent.emitted_at),
+            # else arrival here; a backend does one or the other for all its events.
+            stamp = event.emitted_at or now
             if self._last_token_at is None:  # the first event always arrives on its own
-                metrics.first_token(model, time.perf_counter() - self.job.started)
+                metrics.first_token(model, now - self.job.started)
             else:  # later ones may come in batches: the engine's own clock spaces them
-                metrics.inter_token(model, max(event.emitted_at - self._last_token_at, 0.0))
-            self._last_token_at = event.emitted_at
+                metrics.inter_token(model, max(stamp - self._last_token_at, 0.0))
+            self._last_token_at = stamp
         return event
 
     async def start(self) -> None:
