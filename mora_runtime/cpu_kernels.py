@@ -1,6 +1,6 @@
 """The torch C++ extension of CPU kernels for serving: int4/int8 products (quantize.py),
-decode-step attention (decode_attention.py) and expert scores (patching.py), built once per
-source, machine and torch.
+decode-step attention (decode_attention.py), expert scores and a whole adapted layer's
+MoRA update (`ExpertLayerPlan`, patching.py), built once per source, machine and torch.
 
 A torch extension rather than a plain C library like the routing kernel: its loops split
 their work with torch's own thread pool, where threads of their own would fight torch's for
@@ -27,8 +27,15 @@ logger = logging.getLogger(__name__)
 _CSRC = Path(__file__).parent / "csrc"
 SOURCES = tuple(
     _CSRC / name
-    for name in ("bindings.cpp", "quant_gemm.cpp", "decode_attention.cpp", "expert_scores.cpp")
+    for name in (
+        "bindings.cpp",
+        "quant_gemm.cpp",
+        "decode_attention.cpp",
+        "expert_scores.cpp",
+        "expert_layer.cpp",
+    )
 )
+HEADERS = (_CSRC / "avx2.h", _CSRC / "mora_route.h")
 # -fopenmp: at::parallel_for is an inline template whose OpenMP pragma is compiled into this
 # extension; without the flag it silently runs on one thread. The extension then needs
 # libgomp.so.1, which the loader resolves to the copy torch has already loaded (same soname),
@@ -48,8 +55,8 @@ def _cpu_has_avx2() -> bool:
 @functools.lru_cache(maxsize=1)
 def kernels() -> Any | None:
     """The compiled module (`q4_1_linear`, `q8_0_linear`, `decode_attention`,
-    `expert_scores`), or None when this machine cannot have it. Compiles on first use (about
-    a minute, once)."""
+    `expert_scores`, `ExpertLayerPlan`), or None when this machine cannot have it.
+    Compiles on first use (about a minute, once)."""
     if not _cpu_has_avx2():
         return None
     import ninja
@@ -58,7 +65,7 @@ def kernels() -> Any | None:
     # torch runs `ninja` from PATH; the pinned one lives next to this interpreter's packages.
     if ninja.BIN_DIR not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-    directory = native_build_dir("cpu", (*SOURCES, _CSRC / "avx2.h"), torch.__version__, *_FLAGS)
+    directory = native_build_dir("cpu", (*SOURCES, *HEADERS), torch.__version__, *_FLAGS)
     directory.mkdir(parents=True, exist_ok=True)
     try:
         # torch's loader locks the directory, so replicas starting together build once.

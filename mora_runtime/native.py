@@ -35,6 +35,7 @@ from .paths import native_build_dir
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "mora_route.c"
+HEADER = SOURCE.with_suffix(".h")  # the per-token routing, shared with the torch extension
 LIBRARY_NAME = "libmora_route.so"
 DISABLE_ENV = "MORA_NATIVE"
 _FLAGS = ("-O3", "-std=c11", "-shared", "-fPIC")
@@ -59,7 +60,7 @@ def build(force: bool = False) -> Path | None:
     is not built and no C compiler is found."""
     # Plain C with a C ABI: the source, flags and machine decide the library, not the
     # compiler's version, so a cache built elsewhere (an image's build stage) is reused.
-    target = native_build_dir("mora_route", SOURCE, *_FLAGS)
+    target = native_build_dir("mora_route", (SOURCE, HEADER), *_FLAGS)
     compiler = _compiler()
     if compiler is None:
         library = target / LIBRARY_NAME

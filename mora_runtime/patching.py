@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -119,6 +120,8 @@ class MoRALinear(nn.Module):
         A, B, present = layer.views(num_slots)  # [N, D], [N, O], [N]
         if A.dtype != x2.dtype:
             A, B = A.to(x2.dtype), B.to(x2.dtype)
+        if not ctx.training and self._fused_update(x2, y, A, B, present, layout, ctx):
+            return y
         z = _scores(x2, A, inference=not ctx.training)  # [T, N]: every expert, every token
         if not ctx.training and self._native_update(y, z, B, present, layout, ctx):
             return y
@@ -145,6 +148,41 @@ class MoRALinear(nn.Module):
         if present is not None:
             mask = present.unsqueeze(0) if mask is None else mask & present.unsqueeze(0)
         return mask
+
+    def _fused_update(
+        self,
+        x2: Tensor,
+        y: Tensor,
+        A: Tensor,
+        B: Tensor,
+        present: Tensor,
+        layout: Layout,
+        ctx: ForwardContext,
+    ) -> bool:
+        """Scores, routing and update of this layer in one extension call, if it applies
+        (csrc/expert_layer.cpp: the same arithmetic as `_scores` + `_native_update`)."""
+        plan = layout.extras.get("plan", _UNSET)
+        if plan is _UNSET:
+            plan = layout.extras["plan"] = _layer_plan(self._pool, layout, ctx)
+        if (
+            plan is None
+            or y.requires_grad
+            or y.dtype != torch.float32
+            or x2.dtype != torch.float32
+            or not y.is_contiguous()
+            or not plan.accepts(A.shape[0])
+        ):
+            return False
+        active, hits = ctx.recording(self.kind, layout)
+        return plan.apply(
+            x2.contiguous(),
+            A,
+            B,
+            y.view(-1, y.shape[-1]),
+            present if self._layer.absent_slots else None,
+            active,
+            hits,
+        )
 
     def _native_update(
         self,
@@ -220,6 +258,38 @@ def _scores(x2: Tensor, A: Tensor, *, inference: bool) -> Tensor:
         if compiled is not None:
             return compiled.expert_scores(x2.contiguous(), A.contiguous())
     return torch.mm(x2, A.t())
+
+
+def _layer_plan(pool: ExpertPool, layout: Layout, ctx: ForwardContext) -> Any | None:
+    """The extension's per-forward `ExpertLayerPlan`, or None when this forward must take
+    another path (training, not the CPU, not float32, no extension, or `MORA_NATIVE=0`,
+    which turns every native routing path off)."""
+    if (
+        ctx.training
+        or layout.seq.device.type != "cpu"
+        or pool.dtype != torch.float32
+        or torch.is_grad_enabled()
+        or not native.enabled()
+    ):
+        return None
+    compiled = cpu_kernels.kernels()
+    if compiled is None:
+        return None
+    routing = pool.routing
+    mask = layout.mask
+    return compiled.ExpertLayerPlan(
+        layout.num_tokens,
+        routing.top_k,
+        routing.threshold,
+        routing.tau,
+        pool.slot_scale.contiguous(),
+        _KERNEL_MAX_TOKENS,
+        None if mask is None else mask.contiguous(),
+        layout.seq if layout.num_sequences > 1 else None,
+        layout.top_k,
+        layout.threshold,
+        ctx.valid_mask(layout),
+    )
 
 
 def _native_args(

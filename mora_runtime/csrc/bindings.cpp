@@ -8,6 +8,7 @@ at::Tensor q8_0_linear(const at::Tensor& x, const at::Tensor& packed, const at::
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& mask, double scale);
 at::Tensor expert_scores(const at::Tensor& x, const at::Tensor& A);
+void bind_expert_layer(pybind11::module& module);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("q4_1_linear", &q4_1_linear, "x @ dequant(Q4_1 weight).T, 8-bit activations");
@@ -15,4 +16,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("decode_attention", &decode_attention,
              "one query token per sequence against its cached keys and values");
   module.def("expert_scores", &expert_scores, "x [T, D] @ A [N, D]^T for small T");
+  bind_expert_layer(module);  // ExpertLayerPlan: scores + routing + update of a layer
 }

@@ -50,20 +50,10 @@ void key_tile(const float* x, const float* a, float* z, int64_t n0, int64_t T, i
 
 }  // namespace
 
-// z [T, N] = x [T, D] @ A [N, D]^T.
-at::Tensor expert_scores(const at::Tensor& x, const at::Tensor& A) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && A.scalar_type() == at::kFloat &&
-                  x.device().is_cpu() && A.device().is_cpu(),
-              "expert_scores: float32 CPU tensors only");
-  TORCH_CHECK(x.dim() == 2 && A.dim() == 2 && x.size(1) == A.size(1) && x.is_contiguous() &&
-                  A.is_contiguous(),
-              "expert_scores: x [T, D] and A [N, D] must be contiguous with the same D");
-  const int64_t T = x.size(0), D = x.size(1), N = A.size(0);
-  at::Tensor z = at::empty({T, N}, x.options());
-  if (T == 0 || N == 0) return z;
-  const float* xp = x.data_ptr<float>();
-  const float* ap = A.data_ptr<float>();
-  float* zp = z.data_ptr<float>();
+// z [T, N] = x [T, D] @ A [N, D]^T into z (also called by expert_layer.cpp).
+void expert_scores_into(const float* xp, const float* ap, float* zp, int64_t T, int64_t D,
+                        int64_t N) {
+  if (T == 0 || N == 0) return;
   const int64_t groups = (N + 3) / 4;
   at::parallel_for(0, groups, 4, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
@@ -75,5 +65,18 @@ at::Tensor expert_scores(const at::Tensor& x, const at::Tensor& A) {
       }
     }
   });
+}
+
+// z [T, N] = x [T, D] @ A [N, D]^T.
+at::Tensor expert_scores(const at::Tensor& x, const at::Tensor& A) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && A.scalar_type() == at::kFloat &&
+                  x.device().is_cpu() && A.device().is_cpu(),
+              "expert_scores: float32 CPU tensors only");
+  TORCH_CHECK(x.dim() == 2 && A.dim() == 2 && x.size(1) == A.size(1) && x.is_contiguous() &&
+                  A.is_contiguous(),
+              "expert_scores: x [T, D] and A [N, D] must be contiguous with the same D");
+  const int64_t T = x.size(0), D = x.size(1), N = A.size(0);
+  at::Tensor z = at::empty({T, N}, x.options());
+  expert_scores_into(x.data_ptr<float>(), A.data_ptr<float>(), z.data_ptr<float>(), T, D, N);
   return z;
 }

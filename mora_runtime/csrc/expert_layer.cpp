@@ -1,0 +1,197 @@
+// One adapted layer's whole MoRA update in one call, for CPU float32 inference:
+//   z = x A^T (expert_scores.cpp up to `kernel_max_tokens` tokens, else at::mm),
+//   then every token's routing and value update (mora_route.h), tokens split over torch's
+//   thread pool, then the activation counts.
+// The same arithmetic as patching.py's two-call path (`_scores`, then the ctypes routing
+// library): the same scores and routing decisions, the update rounded alike up to FMA
+// contraction (this file is built with -mfma). What it saves is that path's per-layer cost
+// (a Python round trip, a ctypes call with 20 arguments, the z tensor), paid by every
+// adapted layer of every decode step, and the routing runs on both cores instead of one.
+//
+// A plan holds what stays the same for every layer of one forward (patching.py builds one
+// per forward): routing defaults, per-sequence overrides, token -> sequence, masks.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+extern "C" {
+#include "mora_route.h"
+}
+
+void expert_scores_into(const float* x, const float* a, float* z, int64_t T, int64_t D,
+                        int64_t N);
+
+namespace {
+
+template <typename T>
+const T* data_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? static_cast<const T*>(t->data_ptr()) : nullptr;
+}
+
+void check_cpu(const at::Tensor& t, at::ScalarType dtype, int64_t dim, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.dim() == dim &&
+                  t.is_contiguous(),
+              "ExpertLayerPlan: ", what, " must be a contiguous CPU tensor of ", dtype,
+              " with ", dim, " dimension(s)");
+}
+
+}  // namespace
+
+class ExpertLayerPlan {
+ public:
+  // mask [S|1, N] bool; seq [T] long (None: one sequence); seq_top_k [S] long and
+  // seq_threshold [S] float (None: the defaults); valid [T] bool (None: every token counts);
+  // slot_scale [N'] float with N' >= any layer's N.
+  ExpertLayerPlan(int64_t num_tokens, int64_t top_k, double threshold, double tau,
+                  at::Tensor slot_scale, int64_t kernel_max_tokens,
+                  std::optional<at::Tensor> mask, std::optional<at::Tensor> seq,
+                  std::optional<at::Tensor> seq_top_k, std::optional<at::Tensor> seq_threshold,
+                  std::optional<at::Tensor> valid)
+      : T_(num_tokens),
+        default_k_(top_k),
+        default_threshold_(static_cast<float>(threshold)),
+        inv_tau_(1.0f / static_cast<float>(tau)),
+        kernel_max_tokens_(kernel_max_tokens),
+        slot_scale_(std::move(slot_scale)),
+        mask_(std::move(mask)),
+        seq_(std::move(seq)),
+        seq_top_k_(std::move(seq_top_k)),
+        seq_threshold_(std::move(seq_threshold)),
+        valid_(std::move(valid)),
+        scratch_(static_cast<size_t>(std::max<int64_t>(num_tokens, 0))) {
+    check_cpu(slot_scale_, at::kFloat, 1, "slot_scale");
+    if (mask_) check_cpu(*mask_, at::kBool, 2, "mask");
+    if (seq_) {
+      check_cpu(*seq_, at::kLong, 1, "seq");
+      TORCH_CHECK(seq_->size(0) == T_, "ExpertLayerPlan: seq must have one entry per token");
+    }
+    if (seq_top_k_) check_cpu(*seq_top_k_, at::kLong, 1, "seq_top_k");
+    if (seq_threshold_) check_cpu(*seq_threshold_, at::kFloat, 1, "seq_threshold");
+    if (valid_) {
+      check_cpu(*valid_, at::kBool, 1, "valid");
+      TORCH_CHECK(valid_->size(0) == T_, "ExpertLayerPlan: valid must have one entry per token");
+    }
+    // The largest budget any token asks for (before clamping to a layer's N).
+    max_k_ = 0;
+    const int64_t* seq_p = data_or_null<int64_t>(seq_);
+    const int64_t* k_p = data_or_null<int64_t>(seq_top_k_);
+    for (int64_t t = 0; t < T_; ++t) {
+      const int64_t s = seq_p ? seq_p[t] : 0;
+      max_k_ = std::max(max_k_, k_p ? k_p[s] : default_k_);
+    }
+  }
+
+  // Whether a layer of N slots can take the plan (every token's k_eff <= MORA_MAX_K).
+  bool accepts(int64_t N) const {
+    return std::min(std::max<int64_t>(max_k_, MORA_MIN_TOP_K), N) <= MORA_MAX_K;
+  }
+
+  // y [T, O] += the layer's MoRA delta, in place. x [T, D], A [N, D], B [N, O] float;
+  // present [N] bool (None: every slot); active [T] int32 (None: not recorded) gets the
+  // experts each token used; hits [S, N] long (None: not recorded) += 1 per (token, expert)
+  // where the token is valid. Returns false, writing nothing, when `accepts(N)` is false.
+  bool apply(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B, at::Tensor y,
+             const std::optional<at::Tensor>& present, const std::optional<at::Tensor>& active,
+             const std::optional<at::Tensor>& hits) {
+    check_cpu(x, at::kFloat, 2, "x");
+    check_cpu(A, at::kFloat, 2, "A");
+    check_cpu(B, at::kFloat, 2, "B");
+    TORCH_CHECK(y.device().is_cpu() && y.scalar_type() == at::kFloat && y.dim() == 2 &&
+                    y.stride(1) == 1,
+                "ExpertLayerPlan: y must be a float32 CPU matrix with unit column stride");
+    const int64_t N = A.size(0), D = A.size(1), O = B.size(1);
+    TORCH_CHECK(x.size(0) == T_ && x.size(1) == D && B.size(0) == N && y.size(0) == T_ &&
+                    y.size(1) == O && slot_scale_.size(0) >= N,
+                "ExpertLayerPlan: shapes do not match the plan (x [T, D], A [N, D], B [N, O], "
+                "y [T, O])");
+    if (present) {
+      check_cpu(*present, at::kBool, 1, "present");
+      TORCH_CHECK(present->size(0) == N, "ExpertLayerPlan: present must have N entries");
+    }
+    if (active) {
+      check_cpu(*active, at::kInt, 1, "active");
+      TORCH_CHECK(active->size(0) == T_, "ExpertLayerPlan: active must have T entries");
+    }
+    if (hits) {
+      check_cpu(*hits, at::kLong, 2, "hits");
+      TORCH_CHECK(hits->size(1) == N, "ExpertLayerPlan: hits must be [S, N]");
+    }
+    if (mask_) TORCH_CHECK(mask_->size(1) == N, "ExpertLayerPlan: the mask has another N");
+    if (!accepts(N)) return false;
+    if (T_ == 0 || N == 0) return true;
+
+    at::Tensor z;
+    if (T_ <= kernel_max_tokens_) {
+      z = at::empty({T_, N}, x.options());
+      expert_scores_into(x.data_ptr<float>(), A.data_ptr<float>(), z.data_ptr<float>(), T_, D, N);
+    } else {
+      z = at::mm(x, A.t()).contiguous();  // what torch.mm does for the two-call path
+    }
+
+    const int64_t K = std::min(std::max<int64_t>(max_k_, MORA_MIN_TOP_K), N);
+    std::vector<int64_t> slots(static_cast<size_t>(T_ * K));
+    int32_t* counts = active ? active->data_ptr<int32_t>() : scratch_.data();
+    const float* zp = z.data_ptr<float>();
+    const float* Bp = B.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    const int64_t y_stride = y.stride(0);
+    const uint8_t* mask_p = data_or_null<uint8_t>(mask_);
+    const int64_t mask_rows = mask_ ? mask_->size(0) : 0;
+    const int64_t* seq_p = data_or_null<int64_t>(seq_);
+    const int64_t* k_p = data_or_null<int64_t>(seq_top_k_);
+    const float* thr_p = data_or_null<float>(seq_threshold_);
+    const uint8_t* present_p = data_or_null<uint8_t>(present);
+    const float* scale_p = slot_scale_.data_ptr<float>();
+    // Tokens are independent (each writes its own row of y and of `slots`); a chunk of 8 is
+    // about 10 us of work at decode sizes, so a decode step of 16 sequences splits in two.
+    at::parallel_for(0, T_, 8, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t s = seq_p ? seq_p[t] : 0;
+        const uint8_t* visible = mask_p ? mask_p + (mask_rows == 1 ? 0 : s) * N : nullptr;
+        counts[t] = static_cast<int32_t>(mora_route_token(
+            zp + t * N, N, Bp, O, yp + t * y_stride, visible, present_p,
+            mora_budget(k_p, s, default_k_, N), thr_p ? thr_p[s] : default_threshold_,
+            inv_tau_, scale_p, slots.data() + t * K));
+      }
+    });
+    if (hits) {  // serial: tokens of one sequence add into the same row
+      int64_t* hits_p = hits->data_ptr<int64_t>();
+      const uint8_t* valid_p = data_or_null<uint8_t>(valid_);
+      for (int64_t t = 0; t < T_; ++t) {
+        if (valid_p && !valid_p[t]) continue;
+        const int64_t s = seq_p ? seq_p[t] : 0;
+        for (int64_t j = 0; j < counts[t]; ++j) hits_p[s * N + slots[t * K + j]] += 1;
+      }
+    }
+    return true;
+  }
+
+ private:
+  int64_t T_;
+  int64_t default_k_;
+  float default_threshold_;
+  float inv_tau_;
+  int64_t kernel_max_tokens_;
+  int64_t max_k_;
+  at::Tensor slot_scale_;
+  std::optional<at::Tensor> mask_, seq_, seq_top_k_, seq_threshold_, valid_;
+  std::vector<int32_t> scratch_;  // per-token counts nobody records
+};
+
+void bind_expert_layer(pybind11::module& module) {
+  namespace py = pybind11;
+  py::class_<ExpertLayerPlan>(module, "ExpertLayerPlan")
+      .def(py::init<int64_t, int64_t, double, double, at::Tensor, int64_t,
+                    std::optional<at::Tensor>, std::optional<at::Tensor>,
+                    std::optional<at::Tensor>, std::optional<at::Tensor>,
+                    std::optional<at::Tensor>>(),
+           py::arg("num_tokens"), py::arg("top_k"), py::arg("threshold"), py::arg("tau"),
+           py::arg("slot_scale"), py::arg("kernel_max_tokens"), py::arg("mask"),
+           py::arg("seq"), py::arg("seq_top_k"), py::arg("seq_threshold"), py::arg("valid"))
+      .def("accepts", &ExpertLayerPlan::accepts)
+      .def("apply", &ExpertLayerPlan::apply, py::call_guard<py::gil_scoped_release>());
+}

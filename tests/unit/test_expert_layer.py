@@ -1,0 +1,215 @@
+"""The fused layer kernel (csrc/expert_layer.cpp) against the two-call path it replaces
+(`patching._scores` + the ctypes routing library) and the tensor path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mora_runtime import native, patching
+from mora_runtime.cpu_kernels import kernels
+from mora_runtime.patching import MoRALinear, patch_model
+
+from .test_native import _run_patched, _tensor_path
+from .test_patching import CAUSAL, build, ids, random_set
+
+TAU = 0.05
+
+
+def _case(seed: int, num_tokens: int):
+    """A layer's inputs with mixed versions, per-sequence overrides, a partial set and
+    padding, as one forward of continuous batching has them."""
+    g = torch.Generator().manual_seed(seed)
+    num_slots, num_seqs, width, out_features = 48, 4, 40, 24
+    x = torch.randn(num_tokens, width, generator=g)
+    A = torch.randn(num_slots, width, generator=g) * 0.5
+    B = torch.randn(num_slots, out_features, generator=g)
+    seq = torch.randint(0, num_seqs, (num_tokens,), generator=g)
+    seq[0] = 2  # at least one token of a sequence that sees experts
+    mask = torch.rand(num_seqs, num_slots, generator=g) > 0.3
+    mask[0] = False  # a sequence that sees nothing: the base output
+    return dict(
+        x=x,
+        A=A,
+        B=B,
+        seq=seq,
+        mask=mask,
+        present=torch.rand(num_slots, generator=g) > 0.2,
+        top_k=torch.tensor([3, 1, 8, 64]),  # 1 is raised to 2; 64 exceeds what is visible
+        threshold=torch.tensor([0.2, -1.0, 0.1, 0.3]),
+        valid=torch.rand(num_tokens, generator=g) > 0.2,
+        scale=torch.rand(num_slots, generator=g) + 0.5,
+        base=torch.randn(num_tokens, out_features, generator=g),
+        num_seqs=num_seqs,
+    )
+
+
+def _plan(case: dict, **overrides):
+    kwargs = dict(
+        num_tokens=case["x"].shape[0],
+        top_k=8,
+        threshold=0.2,
+        tau=TAU,
+        slot_scale=case["scale"],
+        kernel_max_tokens=patching._KERNEL_MAX_TOKENS,
+        mask=case["mask"],
+        seq=case["seq"],
+        seq_top_k=case["top_k"],
+        seq_threshold=case["threshold"],
+        valid=case["valid"],
+    )
+    kwargs.update(overrides)
+    return kernels().ExpertLayerPlan(**kwargs)
+
+
+def _outputs(case: dict):
+    num_tokens, num_slots = case["x"].shape[0], case["A"].shape[0]
+    return (
+        case["base"].clone(),
+        torch.zeros(num_tokens, dtype=torch.int32),
+        torch.zeros(case["num_seqs"], num_slots, dtype=torch.long),
+    )
+
+
+# 1 and 16: the score kernel (a decode step); 100: past _KERNEL_MAX_TOKENS, at::mm (prefill).
+@pytest.mark.parametrize("num_tokens", [1, 16, 37, 100])
+@pytest.mark.parametrize("seed", range(3))
+def test_plan_equals_the_two_call_path(num_tokens, seed):
+    case = _case(seed, num_tokens)
+    y, active, hits = _outputs(case)
+    with torch.inference_mode():
+        assert _plan(case).apply(case["x"], case["A"], case["B"], y, case["present"], active, hits)
+
+        y_two, active_two, hits_two = _outputs(case)
+        z = patching._scores(case["x"], case["A"], inference=True)
+        args = native.ForwardArgs(
+            top_k=8,
+            threshold=0.2,
+            tau=TAU,
+            slot_scale=case["scale"],
+            scratch=torch.empty(num_tokens, dtype=torch.int32),
+            mask=case["mask"],
+            seq=case["seq"],
+            seq_top_k=case["top_k"],
+            seq_threshold=case["threshold"],
+            valid=case["valid"],
+        )
+        assert args.apply(z, case["B"], y_two, case["present"], active_two, hits_two)
+    # The same scores and routing decisions; the update may round differently (the
+    # extension is built with FMA, the portable C library is not).
+    torch.testing.assert_close(y, y_two, rtol=1e-5, atol=1e-5)
+    assert torch.equal(active, active_two)
+    assert torch.equal(hits, hits_two)
+
+    # and the readable tensor path (route + apply_values) agrees within float error
+    want, want_active, want_hits = _tensor_path(
+        case["x"] @ case["A"].t(),
+        case["B"],
+        seq=case["seq"],
+        mask=case["mask"],
+        present=case["present"],
+        top_k=case["top_k"],
+        threshold=case["threshold"],
+        scale=case["scale"],
+        valid=case["valid"],
+        tau=TAU,
+        num_seqs=case["num_seqs"],
+    )
+    torch.testing.assert_close(y - case["base"], want, rtol=1e-4, atol=1e-4)
+    assert torch.equal(active, want_active)
+    assert torch.equal(hits, want_hits)
+    assert want_active.sum() > 0 and (active[case["seq"] == 0] == 0).all()
+
+
+def test_unrecorded_counts_and_one_shared_mask_row():
+    case = _case(7, 16)
+    y, _, _ = _outputs(case)
+    shared = case["mask"][1:2]  # [1, N]: every token sees the same slots
+    plan = _plan(case, mask=shared, seq=None, seq_top_k=None, seq_threshold=None, valid=None)
+    with torch.inference_mode():
+        assert plan.apply(case["x"], case["A"], case["B"], y, None, None, None)
+    want, _, _ = _tensor_path(
+        case["x"] @ case["A"].t(),
+        case["B"],
+        seq=torch.zeros(16, dtype=torch.long),
+        mask=shared,
+        present=torch.ones(48, dtype=torch.bool),
+        top_k=torch.tensor([8]),
+        threshold=torch.tensor([0.2]),
+        scale=case["scale"],
+        valid=torch.ones(16, dtype=torch.bool),
+        tau=TAU,
+        num_seqs=1,
+    )
+    torch.testing.assert_close(y - case["base"], want, rtol=1e-4, atol=1e-4)
+    assert torch.count_nonzero(want) > 0
+
+
+def test_a_budget_over_the_limit_is_refused_before_anything_is_written():
+    limit = native.max_top_k()
+    g = torch.Generator().manual_seed(0)
+    num_slots = limit + 10
+    x, A = torch.randn(3, 16, generator=g), torch.randn(num_slots, 16, generator=g)
+    B = torch.randn(num_slots, 8, generator=g)
+    # Token 0's sequence fits; the last token's does not: nothing may be half-written.
+    plan = kernels().ExpertLayerPlan(
+        num_tokens=3,
+        top_k=4,
+        threshold=0.0,
+        tau=1.0,
+        slot_scale=torch.ones(num_slots),
+        kernel_max_tokens=64,
+        mask=None,
+        seq=torch.tensor([0, 0, 1]),
+        seq_top_k=torch.tensor([4, limit + 1]),
+        seq_threshold=None,
+        valid=None,
+    )
+    assert not plan.accepts(num_slots)
+    assert plan.accepts(limit)  # k_eff is clamped to N
+    y = torch.zeros(3, 8)
+    with torch.inference_mode():
+        assert not plan.apply(x, A, B, y, None, None, None)
+    assert torch.count_nonzero(y) == 0
+
+
+def test_mismatched_shapes_raise():
+    case = _case(1, 5)
+    y, active, hits = _outputs(case)
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        narrow = case["x"][:, :-1].contiguous()
+        _plan(case).apply(narrow, case["A"], case["B"], y, None, active, hits)
+    with pytest.raises(RuntimeError, match="one entry per token"):
+        _plan(case, num_tokens=6)
+    with pytest.raises(RuntimeError, match="hits must be"):
+        _plan(case).apply(case["x"], case["A"], case["B"], y, None, active, hits[:, :-1])
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_patched_models_route_every_layer_through_the_plan(name, monkeypatch):
+    """Mixed versions, a partial set and overrides in one forward: every adapted layer takes
+    the fused call (the two-call path would raise); logits match the two-call path's and
+    statistics equal them."""
+    model = build(CAUSAL[name])
+    pool = patch_model(model, routing=None)
+    pool.add_set("a", random_set(pool, 4, seed=1, gain=3.0))
+    old = pool.latest()
+    partial = random_set(pool, 4, seed=2, gain=3.0)
+    pool.add_set("b", dict(list(partial.items())[: len(partial) // 2]))
+    new = pool.latest()
+    batch = ids(batch=3, length=11)
+    snaps = [old, new, new]
+    overrides = dict(top_k=[2, 8, 3], threshold=[0.0, 0.1, -1.0])
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the two-call path ran")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(MoRALinear, "_native_update", refuse)
+        logits_fused, stats_fused = _run_patched(model, pool, batch, snaps, overrides)
+    with monkeypatch.context() as patched:
+        patched.setattr(patching, "_layer_plan", lambda *args: None)
+        logits_two, stats_two = _run_patched(model, pool, batch, snaps, overrides)
+    torch.testing.assert_close(logits_fused, logits_two, rtol=1e-5, atol=1e-5)
+    assert stats_fused == stats_two
+    assert stats_fused.total().active_ranks > 0
