@@ -170,7 +170,6 @@ class MoRALinear(nn.Module):
             or y.dtype != torch.float32
             or x2.dtype != torch.float32
             or not y.is_contiguous()
-            or not plan.accepts(A.shape[0])
         ):
             return False
         active, hits = ctx.recording(self.kind, layout)
@@ -277,7 +276,7 @@ def _layer_plan(pool: ExpertPool, layout: Layout, ctx: ForwardContext) -> Any | 
         return None
     routing = pool.routing
     mask = layout.mask
-    return compiled.ExpertLayerPlan(
+    plan = compiled.ExpertLayerPlan(
         layout.num_tokens,
         routing.top_k,
         routing.threshold,
@@ -290,13 +289,15 @@ def _layer_plan(pool: ExpertPool, layout: Layout, ctx: ForwardContext) -> Any | 
         layout.threshold,
         ctx.valid_mask(layout),
     )
+    # Every layer of the forward has layout.num_slots slots: a budget over the kernel's
+    # limit is refused once here, before any layer records statistics.
+    return plan if plan.accepts(layout.num_slots) else None
 
 
 def _native_args(
     pool: ExpertPool, layout: Layout, ctx: ForwardContext
 ) -> native.ForwardArgs | None:
     """The kernel's per-forward arguments, or None when this forward must use tensors."""
-    # A budget over the kernel's limit is refused by the kernel itself, before it writes.
     routing = pool.routing
     if (
         ctx.training
@@ -304,6 +305,11 @@ def _native_args(
         or pool.dtype != torch.float32
         or not native.available()
     ):
+        return None
+    # A budget over the kernel's limit: tensors for the whole forward, decided here, before
+    # any layer records statistics (a refusal per layer would record its row twice).
+    largest = routing.top_k if layout.top_k is None else int(layout.top_k.max())
+    if min(max(largest, 2), layout.num_slots) > native.max_top_k():
         return None
     return native.ForwardArgs(
         top_k=routing.top_k,

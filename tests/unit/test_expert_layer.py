@@ -213,3 +213,37 @@ def test_patched_models_route_every_layer_through_the_plan(name, monkeypatch):
     torch.testing.assert_close(logits_fused, logits_two, rtol=1e-5, atol=1e-5)
     assert stats_fused == stats_two
     assert stats_fused.total().active_ranks > 0
+
+
+def test_a_forward_whose_budget_exceeds_the_kernel_takes_the_tensor_path(monkeypatch):
+    """A per-request top_k over the kernels' limit: no plan, no native routing, and the
+    output is still the tensor path's (statistics recorded once per layer)."""
+    limit = native.max_top_k()
+    model = build(CAUSAL["llama"])
+    pool = patch_model(model, routing=None, capacity=limit + 16)
+    pool.add_set("big", random_set(pool, limit + 8, seed=3, gain=3.0))
+    snaps = [pool.latest(), pool.latest()]
+    overrides = dict(top_k=[4, limit + 1], threshold=[0.0, 0.0])
+    batch = ids(batch=2, length=5)
+
+    plans = []
+
+    def spy(*args):
+        plans.append(patching.__dict__["_real_layer_plan"](*args))
+        return plans[-1]
+
+    monkeypatch.setitem(patching.__dict__, "_real_layer_plan", patching._layer_plan)
+    monkeypatch.setattr(patching, "_layer_plan", spy)
+    logits, stats = _run_patched(model, pool, batch, snaps, overrides)
+    assert plans and all(plan is None for plan in plans)
+    monkeypatch.setenv(native.DISABLE_ENV, "0")
+    native.refresh()
+    try:
+        want_logits, want_stats = _run_patched(model, pool, batch, snaps, overrides)
+    finally:
+        monkeypatch.undo()
+        native.refresh()
+    torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-5)
+    assert stats == want_stats
+    layers = len(pool.layers)
+    assert stats.total().observations == 2 * 5 * layers  # one row per layer, none twice
