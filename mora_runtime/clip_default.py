@@ -3,8 +3,12 @@
 No package ships pretrained CLIP weights, so setup builds one from a config (32x32 images,
 patch 4, two 4-layer towers of width 128), a word-level tokenizer over the vocabulary of every
 bundled domain, and a `CLIPImageProcessor` for 32x32 inputs, then trains it contrastively on
-the base domain only (learn/domains.py, "objects") and caches the result as an ordinary HF
-CLIP directory. The continual domains stay unseen, so they are what the expert pool learns.
+the base domain (learn/domains.py, "objects") plus an unranked background domain ("sketches":
+stroke primitives, so that images unlike any object do not sit next to a base label), with a
+text-only word-identity objective over the whole vocabulary (distinct class prompts for unseen
+words) and the logit scale capped at 5. It caches the result as an ordinary HF CLIP directory.
+The continual domains' images stay unseen, so they are what the expert pool learns.
+See docs/research/clip-suite.md.
 
 `load_clip` loads that directory, or any local HF CLIP directory: the same code path.
 Nothing here reaches a model hub (`local_files_only=True` everywhere).
@@ -47,6 +51,24 @@ _EXTRA_WORDS = (
     *("a", "an", "the", "of", "in", "on", "with", "and", "or", "photo", "picture", "image"),
     *("drawing", "rendering", "scan", "close", "up"),
 )
+# Templates of the word-identity objective (two are drawn per word and step).
+_WORD_TEMPLATES = (
+    "a photo of a {}.",
+    "a drawing of the {}.",
+    "an image of {}.",
+    "a close up of a {}.",
+    "a picture of the {}.",
+    "a {}.",
+    "a rendering of a {}.",
+    "a scan of a {}.",
+)
+
+
+def _word_templates() -> tuple[str, ...]:
+    """The generic templates plus every bundled domain's own (long ones included)."""
+    names = (*domains.domain_names(), *domains.BACKGROUND_DOMAINS)
+    own = (domains.get_domain(name).prompt_template for name in names)
+    return tuple(dict.fromkeys((*_WORD_TEMPLATES, *own)))
 
 
 class ClipNotAvailableError(RuntimeError):
@@ -71,13 +93,26 @@ class ClipRecipe:
     weight_decay: float = 0.05
     warmup_fraction: float = 0.05
     train_draws: int = 8  # seeds of the base train split used as training data
+    # Background domains (domains.BACKGROUND_DOMAINS) trained on beside the base one, never
+    # ranked by default: images unlike the base objects then stay away from the base labels.
+    background: tuple[str, ...] = ("sketches",)
+    # Cap on the learned logit scale (CLIP's is 100). The task loss uses this scale: at 100 (or
+    # the ~15 this recipe learns uncapped) the task's cross-entropy saturates while images are
+    # still nearer a base label than their own class prompt; at 5 it keeps pulling them in.
+    max_logit_scale: float = 5.0
+    # Text-only word-identity objective (InfoNCE between two prompt templates around the same
+    # vocabulary word): every word's embedding is trained, so the unseen class words of the
+    # continual domains get distinct text embeddings. No image is paired with them.
+    word_weight: float = 0.5
+    word_batch: int = 64
+    word_temperature: float = 0.1
     seed: int = 0
 
 
 DEFAULT_RECIPE = ClipRecipe()
 # Names everything that shapes the cached weights: a cached model whose marker names another
 # recipe is rebuilt. Bump the number when the data or the training code changes.
-RECIPE_VERSION = "clip-default/1 " + " ".join(f"{k}={v}" for k, v in asdict(DEFAULT_RECIPE).items())
+RECIPE_VERSION = "clip-default/2 " + " ".join(f"{k}={v}" for k, v in asdict(DEFAULT_RECIPE).items())
 
 
 @dataclass(frozen=True)
@@ -105,7 +140,7 @@ def vocabulary() -> list[str]:
     normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     splitter = pre_tokenizers.Whitespace()
     words = set(_EXTRA_WORDS)
-    for name in domains.domain_names():
+    for name in (*domains.domain_names(), *domains.BACKGROUND_DOMAINS):
         domain = domains.get_domain(name)
         for text in domain.prompts():
             words.update(w for w, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text)))
@@ -276,28 +311,37 @@ def train_base(
 ) -> TrainSummary:
     """Contrastive training of the whole model on the base domain; returns a summary."""
     domain = domains.get_domain(domains.BASE_DOMAIN)
-    samples = [
-        sample
-        for draw in range(recipe.train_draws)
-        for sample in domains.load_domain(domain.name, "train", size=recipe.image_size, seed=draw)
-    ]
+    samples, prompts = [], []
+    for name in (domain.name, *recipe.background):
+        offset = len(prompts)
+        prompts += domains.get_domain(name).prompts()
+        samples += [
+            (image, offset + label)
+            for draw in range(recipe.train_draws)
+            for image, label in domains.load_domain(
+                name, "train", size=recipe.image_size, seed=draw
+            )
+        ]
     images = pixel_values(image_processor, [image for image, _ in samples])  # [M, 3, H, W]
     labels = torch.tensor([label for _, label in samples])  # [M]
-    text = _text_inputs(tokenizer, domain.prompts())
+    text = _text_inputs(tokenizer, prompts)
+    words = [w for w in vocabulary() if w.isalpha()]
 
     threads = torch.get_num_threads()
     torch.set_num_threads(_training_threads())
     logger.info(
-        "Training the default CLIP: %d %s images, %d steps of %d, %d thread(s)",
+        "Training the default CLIP: %d images of %s, %d steps of %d, %d thread(s)",
         len(labels),
-        domain.name,
+        "+".join((domain.name, *recipe.background)),
         recipe.steps,
         recipe.batch_size,
         torch.get_num_threads(),
     )
     start = time.perf_counter()
     try:
-        loss = _train_steps(model, images, labels, text, recipe, progress=progress)
+        loss = _train_steps(
+            model, images, labels, text, recipe, progress=progress, tokenizer=tokenizer, words=words
+        )
     finally:
         torch.set_num_threads(threads)
         model.eval()
@@ -314,6 +358,8 @@ def _train_steps(
     recipe: ClipRecipe,
     *,
     progress: bool,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    words: Sequence[str] = (),
 ) -> float:
     """AdamW, linear warm-up then cosine decay, shuffled epochs; returns the last loss."""
     from tqdm.auto import tqdm
@@ -333,16 +379,50 @@ def _train_steps(
         cursor += recipe.batch_size
         logits = model(pixel_values=images[batch], **text).logits_per_image  # [b, C]
         loss = _contrastive_loss(logits, labels[batch])
+        if recipe.word_weight > 0 and tokenizer is not None and len(words) >= 2:
+            loss = loss + recipe.word_weight * _word_identity_loss(
+                model, tokenizer, words, recipe, generator
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
         with torch.no_grad():  # CLIP's cap on the learned temperature
-            model.logit_scale.clamp_(0, math.log(100))
+            model.logit_scale.clamp_(0, math.log(recipe.max_logit_scale))
         loss_value = loss.item()
         bar.set_postfix(loss=f"{loss_value:.3f}")
     return loss_value
+
+
+def _word_identity_loss(
+    model: CLIPModel,
+    tokenizer: PreTrainedTokenizerBase,
+    words: Sequence[str],
+    recipe: ClipRecipe,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Symmetric InfoNCE between two templated prompts of the same random words.
+
+    Text tower only: it keeps each word's identity in the pooled text embedding (without it
+    the class prompts of an unseen domain are near-duplicates, cosine 0.83-0.999)."""
+    n = min(recipe.word_batch, len(words))
+    templates = _word_templates()
+    # Phrases of 1-3 random words (class names have up to three), each in two random templates
+    picked = torch.randperm(len(words), generator=generator)[:n].tolist()
+    lengths = torch.randint(1, 4, (n,), generator=generator).tolist()
+    extra = torch.randint(0, len(words), (n, 2), generator=generator).tolist()
+    phrases = [
+        " ".join([*[words[k] for k in extra[j]][: length - 1], words[i]])
+        for j, (i, length) in enumerate(zip(picked, lengths, strict=True))
+    ]
+    slots = torch.randint(0, len(templates), (2, n), generator=generator).tolist()
+    prompts = [templates[t].replace("{}", phrases[j]) for row in slots for j, t in enumerate(row)]
+    embeds = model.get_text_features(**_text_inputs(tokenizer, prompts)).pooler_output
+    embeds = F.normalize(embeds, dim=-1)  # [2n, E]
+    logits = embeds[:n] @ embeds[n:].t() / recipe.word_temperature  # [n, n]
+    target = torch.arange(n)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
 
 
 @torch.inference_mode()
@@ -377,7 +457,7 @@ def prepare_default_clip(force: bool = False, *, progress: bool = True) -> Path:
 
     Idempotent (a marker names the recipe; a matching marker skips the work) and atomic (built
     in a temporary sibling directory, renamed into place); a file lock makes concurrent callers
-    train only once. About 2-3 minutes on 2 CPU cores.
+    train only once. About 7.5 minutes at 1 thread (445 s measured, the other core busy).
     """
     target = default_clip_dir()
     summary: TrainSummary | None = None

@@ -223,8 +223,8 @@ def _register_eval(subparsers: Any) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_hyperparameters(
         parser,
-        defaults_note="LM: 40 steps, batch 8; CLIP: 100 steps, batch 32; both lr 2e-3; "
-        "else as learn",
+        defaults_note="LM: 40 steps, batch 8; CLIP: 150 steps, batch 32, 120 train images per "
+        "class; both lr 2e-3; else as learn",
     )
     parser.set_defaults(handler=_cmd_eval)
 

@@ -84,7 +84,31 @@ _PATCH_COLOURS = {
     "teal": (20, 140, 140),
 }
 
+# Kinds of the "sketches" background domain (no word of the base labels, no continual class).
+_SKETCHES = (
+    "line",
+    "arc",
+    "dot",
+    "blob",
+    "zigzag",
+    "wave",
+    "spiral",
+    "corner",
+    "tee",
+    "chevron",
+    "diamond",
+    "scribble",
+    "pair of lines",
+    "grid",
+    "hook",
+    "wedge",
+    "dash row",
+)
+
 BASE_DOMAIN = "objects"
+# Pre-trained on beside the base domain but never ranked (not in labels.json): it spreads the
+# image embeddings, so images unlike any base object do not sit next to a base label.
+BACKGROUND_DOMAINS: tuple[str, ...] = ("sketches",)
 CONTINUAL_DOMAINS: tuple[str, ...] = ("mnist", "shapes", "glyphs", "digits", "textures", "colours")
 
 _DOMAINS: dict[str, Domain] = {
@@ -105,6 +129,7 @@ _DOMAINS: dict[str, Domain] = {
         ),
         Domain("textures", _TEXTURES, "a texture of {}."),
         Domain("colours", tuple(f"{c} patch" for c in _PATCH_COLOURS), "a close up of a {}."),
+        Domain("sketches", _SKETCHES, "a sketch of a {}."),
     )
 }
 
@@ -114,11 +139,17 @@ def domain_names() -> tuple[str, ...]:
     return (BASE_DOMAIN, *CONTINUAL_DOMAINS)
 
 
+def pretraining_domains() -> tuple[str, ...]:
+    """What the default CLIP is pre-trained on: the base domain, then the background ones."""
+    return (BASE_DOMAIN, *BACKGROUND_DOMAINS)
+
+
 def get_domain(name: str) -> Domain:
     try:
         return _DOMAINS[name]
     except KeyError:
-        raise KeyError(f"unknown domain {name!r}; known: {', '.join(domain_names())}") from None
+        known = ", ".join((*domain_names(), *BACKGROUND_DOMAINS))
+        raise KeyError(f"unknown domain {name!r}; known: {known}") from None
 
 
 def label_templates(names: Iterable[str] | None = None) -> dict[str, str]:
@@ -380,6 +411,90 @@ def _draw_patch(cls: int, rng, size: int) -> Image.Image:
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), mode="RGB")
 
 
+def _sketch_colours(rng) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """30% grey (bright on dark, or the reverse), else a contrasting colour pair."""
+    if rng.random() < 0.3:
+        bright, dark = (int(rng.integers(170, 256)),) * 3, (int(rng.integers(0, 70)),) * 3
+        return (bright, dark) if rng.random() < 0.7 else (dark, bright)
+    return _contrasting_pair(rng)
+
+
+def _draw_sketch(cls: int, rng, size: int) -> Image.Image:
+    """One stroke primitive at a random position, scale, rotation and stroke width."""
+    side = size * _SUPERSAMPLE
+    fg, bg = _sketch_colours(rng)
+    canvas = Image.new("RGB", (side, side), bg)
+    draw = ImageDraw.Draw(canvas)
+    s = side * rng.uniform(0.2, 0.45)  # half extent
+    cx, cy = rng.uniform(s, side - s), rng.uniform(s, side - s)
+    angle = rng.uniform(0, 2 * math.pi)
+    w = max(1, int(side * rng.uniform(0.04, 0.12)))
+
+    def at(points):
+        return [(x, y) for x, y in _rotated([(s * x, s * y) for x, y in points], cx, cy, angle)]
+
+    def stroke(points, width=w):
+        draw.line(at(points), fill=fg, width=width, joint="curve")
+
+    kind = _SKETCHES[cls]
+    if kind == "line":
+        stroke([(-1, 0), (1, 0)])
+    elif kind == "arc":
+        a0 = rng.uniform(0, 360)
+        draw.arc((cx - s, cy - s, cx + s, cy + s), a0, a0 + rng.uniform(90, 200), fill=fg, width=w)
+    elif kind == "dot":
+        r = s * rng.uniform(0.15, 0.35)
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fg)
+    elif kind == "blob":
+        e = rng.uniform(0.5, 1.0)
+        draw.polygon(
+            at([(math.cos(t), e * math.sin(t)) for t in np.linspace(0, 2 * math.pi, 24)]), fill=fg
+        )
+    elif kind == "zigzag":
+        n = int(rng.integers(3, 6))
+        stroke([(-1 + 2 * i / n, 0.5 * (-1) ** i) for i in range(n + 1)])
+    elif kind == "wave":
+        f = rng.uniform(1.0, 2.0)
+        stroke([(x, 0.4 * math.sin(f * math.pi * x)) for x in np.linspace(-1, 1, 20)])
+    elif kind == "spiral":
+        t = np.linspace(0, rng.uniform(3, 5) * math.pi, 40)
+        r = t / t[-1]
+        stroke(list(zip(r * np.cos(t), r * np.sin(t), strict=True)), max(1, w // 2 + 1))
+    elif kind == "corner":
+        stroke([(-1, -1), (-1, 1), (1, 1)])
+    elif kind == "tee":
+        stroke([(-1, -1), (1, -1)])
+        stroke([(0, -1), (0, 1)])
+    elif kind == "chevron":
+        stroke([(-1, -0.7), (0, 0.7), (1, -0.7)])
+    elif kind == "diamond":
+        draw.polygon(at([(0, -1), (0.6, 0), (0, 1), (-0.6, 0)]), outline=fg, width=w)
+    elif kind == "scribble":
+        stroke([tuple(rng.uniform(-1, 1, 2)) for _ in range(int(rng.integers(4, 8)))])
+    elif kind == "pair of lines":
+        g = rng.uniform(0.4, 0.9)
+        stroke([(-1, -g), (1, -g)])
+        stroke([(-1, g), (1, g)])
+    elif kind == "grid":
+        for t in (-0.5, 0.5):
+            stroke([(-1, t), (1, t)], max(1, w // 2))
+            stroke([(t, -1), (t, 1)], max(1, w // 2))
+    elif kind == "hook":
+        bend = [
+            (-0.2 + 0.5 * math.cos(t), 0.4 + 0.5 * math.sin(t)) for t in np.linspace(0, math.pi, 8)
+        ]
+        stroke([(0.3, -1), (0.3, 0.4), *bend])
+    elif kind == "wedge":
+        a0 = rng.uniform(0, 360)
+        draw.pieslice((cx - s, cy - s, cx + s, cy + s), a0, a0 + rng.uniform(40, 120), fill=fg)
+    else:  # dash row
+        n = int(rng.integers(3, 5))
+        for i in range(n):
+            x0 = -1 + 2 * i / n
+            stroke([(x0, 0), (x0 + 1.0 / n, 0)])
+    return _finish(canvas, size, rng, noise=float(rng.uniform(0, 10)))
+
+
 def _drawn(draw: Callable[[int, np.random.Generator, int], Image.Image]):
     """A loader that draws `count` fresh images per class from the split's random stream."""
 
@@ -398,4 +513,5 @@ _LOADERS = {
     "digits": _load_digits,
     "textures": _drawn(_draw_texture),
     "colours": _drawn(_draw_patch),
+    "sketches": _drawn(_draw_sketch),
 }

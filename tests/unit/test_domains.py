@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mora_runtime.learn.domains import (
+    BACKGROUND_DOMAINS,
     BASE_DOMAIN,
     CONTINUAL_DOMAINS,
     TEST_PER_CLASS,
@@ -16,6 +17,7 @@ from mora_runtime.learn.domains import (
     get_domain,
     label_templates,
     load_domain,
+    pretraining_domains,
 )
 
 ALL = domain_names()
@@ -46,6 +48,26 @@ def test_prompt_template_has_one_slot(name) -> None:
     assert domain.prompt_template.count("{}") == 1
     assert len(domain.class_names) >= 5
     assert domain.prompts()[0] == domain.prompt_template.replace("{}", domain.class_names[0])
+
+
+def test_background_domains_stay_apart_from_every_label() -> None:
+    # Pre-trained on but never ranked: no class name and no word shared with a base label or
+    # a continual class, so the background cannot pull a ranked label's embedding along.
+    assert pretraining_domains() == (BASE_DOMAIN, *BACKGROUND_DOMAINS)
+    ranked = {w for d in ALL for name in get_domain(d).class_names for w in name.lower().split()}
+    for name in BACKGROUND_DOMAINS:
+        assert name not in ALL
+        domain = get_domain(name)
+        words = {w for label in domain.class_names for w in label.split()}
+        assert not words & ranked
+        first, again = (
+            load_domain(name, "train", per_class=2),
+            load_domain(name, "train", per_class=2),
+        )
+        assert np.array_equal(pixels(first), pixels(again))
+        assert Counter(label for _, label in first) == dict.fromkeys(
+            range(len(domain.class_names)), 2
+        )
 
 
 def test_unknown_domain_and_bad_arguments() -> None:
