@@ -146,9 +146,10 @@ class ExpertLayerPlan {
     const float* thr_p = data_or_null<float>(seq_threshold_);
     const uint8_t* present_p = data_or_null<uint8_t>(present);
     const float* scale_p = slot_scale_.data_ptr<float>();
-    // Tokens are independent (each writes its own row of y and of `slots`); a chunk of 8 is
-    // about 10 us of work at decode sizes, so a decode step of 16 sequences splits in two.
-    at::parallel_for(0, T_, 8, [&](int64_t begin, int64_t end) {
+    // Tokens are independent (each writes its own row of y and of `slots`). A decode step's
+    // few dozen tokens take ~1 us each: split over threads only beyond that, since a
+    // parallel region costs as much there and more when another process holds a core.
+    at::parallel_for(0, T_, 64, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t s = seq_p ? seq_p[t] : 0;
         const uint8_t* visible = mask_p ? mask_p + (mask_rows == 1 ? 0 : s) * N : nullptr;
