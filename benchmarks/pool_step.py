@@ -1,0 +1,124 @@
+"""What a loaded expert pool adds to the engine's steps, in one process, on SmolLM2 (int4).
+
+    .venv/bin/python benchmarks/pool_step.py [--sets 10] [--rounds 2] [--threads 2] [--out PATH]
+
+Runs 16 prompts to 64 greedy tokens each, stepping the engine by hand, and reports the time
+of the prefill wave and the mean decode step for: the empty pool; `--sets` random sets x 16
+ranks on q/k/v/o through the fused layer call (csrc/expert_layer.cpp, the served path);
+the same sets through the two-call path it replaced (score kernel + ctypes routing); the
+fused path again and the empty pool again (drift check: timings on this machine move by up
+to 2x within minutes, so compare rows of one run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from mora_runtime import patching
+from mora_runtime.engine import Engine, EngineConfig
+from mora_runtime.lm import load_causal_lm
+from mora_runtime.patching import patch_model
+from mora_runtime.sampling import SamplingParams
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "pool_step.md"
+
+
+def _engine_benchmark():
+    spec = importlib.util.spec_from_file_location("engine_benchmark", HERE / "engine.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def measure(lm, pool, prompts: list[list[int]], rounds: int) -> tuple[float, float]:
+    """(prefill seconds, decode ms per step), each the median over `rounds` fresh engines."""
+    prefills, decodes = [], []
+    params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+    for _ in range(rounds):
+        engine = Engine(
+            lm.model,
+            eos_token_ids=lm.eos_token_ids,
+            max_context=lm.max_context,
+            pad_token_id=lm.tokenizer.pad_token_id,
+            pool=pool,
+            config=EngineConfig(max_running=len(prompts)),
+        )
+        for prompt in prompts:
+            engine.submit(prompt, params, lambda event: None)
+        prefill = decode = 0.0
+        steps = 0
+        while engine.num_running or engine.num_waiting:
+            admitting = engine.num_waiting > 0
+            started = time.perf_counter()
+            engine.step()
+            elapsed = time.perf_counter() - started
+            if admitting:
+                prefill += elapsed
+            else:
+                decode += elapsed
+                steps += 1
+        prefills.append(prefill)
+        decodes.append(1e3 * decode / max(steps, 1))
+    return statistics.median(prefills), statistics.median(decodes)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sets", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    bench = _engine_benchmark()
+    lm = load_causal_lm(weights="int4")
+    pool = patch_model(lm.model)
+    prompts = [bench.prompt_ids(lm.tokenizer, i) for i in range(16)]
+    fused = patching._layer_plan
+    rows: list[tuple[str, float, float]] = []
+
+    def run(label: str) -> None:
+        prefill, decode = measure(lm, pool, prompts, args.rounds)
+        rows.append((label, prefill, decode))
+        print(f"{label}: prefill {prefill:.2f} s, decode step {decode:.1f} ms", flush=True)
+
+    with torch.inference_mode():
+        run("empty pool")
+        bench.random_sets(pool, args.sets)
+        sets = f"{args.sets} sets x 16 ranks"
+        run(f"{sets}, fused layer call")
+        patching._layer_plan = lambda *_: None  # the two-call path takes over
+        try:
+            run(f"{sets}, two calls (score kernel + ctypes routing)")
+        finally:
+            patching._layer_plan = fused
+        run(f"{sets}, fused layer call (again)")
+        for entry in list(pool.sets()):
+            pool.retire_set(entry.name)
+        run("empty pool (again)")
+
+    empty = min(rows[0][2], rows[-1][2])
+    lines = [
+        f"16 sequences x 64 tokens on SmolLM2-135M int4, {args.threads} torch threads; "
+        "ratio: the faster empty-pool decode step over this row's.",
+        "",
+        "| run | prefill s | decode step ms | decode vs empty pool |",
+        "|---|---:|---:|---:|",
+    ]
+    for label, prefill, decode in rows:
+        lines.append(f"| {label} | {prefill:.2f} | {decode:.1f} | {empty / decode:.2f}x |")
+    text = "\n".join(lines) + "\n"
+    print("\n" + text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("# Pool step benchmark\n\n" + text)
+
+
+if __name__ == "__main__":
+    main()
