@@ -159,8 +159,9 @@ def table(runs: dict[str, Run], args, threads: int) -> str:
         f"{args.tokens}-token greedy completions on SmolLM2-135M-Instruct (CPU, "
         f"{os.cpu_count()} cores, torch threads {threads}); server = HTTP -> Ray Serve "
         "ingress -> 1 LM replica, default weights (int4 for this 4-bit model) unless the "
-        "row says float32; closed-loop clients. Ratios are against `generate` on the float32 "
-        "model and use the faster of its two runs.",
+        "row says float32; closed-loop clients; every server run starts with each of its "
+        "prompts sent once (a warm prefix cache), while `generate` prefills every prompt. "
+        "Ratios are against `generate` on the float32 model and use the faster of its two runs.",
         "",
         "| run | tokens/s | tokens/request | active ranks/token | vs generate 1-at-a-time "
         "| vs static batch 16 | vs server empty pool c16 (same cache setting) | target |",

@@ -1,12 +1,13 @@
 // One adapted layer's whole MoRA update in one call, for CPU float32 inference:
 //   z = x A^T (expert_scores.cpp up to `kernel_max_tokens` tokens, else at::mm),
-//   then every token's routing and value update (mora_route.h), tokens split over torch's
-//   thread pool, then the activation counts.
+//   then every token's routing and value update (mora_route.h; beyond 64 tokens split over
+//   torch's thread pool), then the activation counts.
 // The same arithmetic as patching.py's two-call path (`_scores`, then the ctypes routing
-// library): the same scores and routing decisions, the update rounded alike up to FMA
-// contraction (this file is built with -mfma). What it saves is that path's per-layer cost
-// (a Python round trip, a ctypes call with 20 arguments, the z tensor), paid by every
-// adapted layer of every decode step, and the routing runs on both cores instead of one.
+// library): the same scores; the routing and update may round differently (this file is
+// built with -mfma and C++ contracts multiply-adds), so a score exactly at the threshold
+// could go either way. What it saves is that path's per-layer cost (a Python round trip,
+// a ctypes call with 20 arguments, the z tensor), paid by every adapted layer of every
+// decode step; prefill-sized batches also route on every thread instead of one.
 //
 // A plan holds what stays the same for every layer of one forward (patching.py builds one
 // per forward): routing defaults, per-sequence overrides, token -> sequence, masks.
@@ -75,9 +76,22 @@ class ExpertLayerPlan {
       check_cpu(*valid_, at::kBool, 1, "valid");
       TORCH_CHECK(valid_->size(0) == T_, "ExpertLayerPlan: valid must have one entry per token");
     }
+    // Every sequence id must index the per-sequence tensors (the kernel does not check).
+    max_s_ = 0;
+    const int64_t* seq_p = data_or_null<int64_t>(seq_);
+    for (int64_t t = 0; t < T_; ++t) {
+      const int64_t s = seq_p ? seq_p[t] : 0;
+      TORCH_CHECK(s >= 0, "ExpertLayerPlan: negative sequence id");
+      max_s_ = std::max(max_s_, s);
+    }
+    const auto covers = [&](const std::optional<at::Tensor>& t) {
+      return !t.has_value() || t->size(0) > max_s_;
+    };
+    TORCH_CHECK(covers(seq_top_k_) && covers(seq_threshold_) &&
+                    (!mask_.has_value() || mask_->size(0) == 1 || mask_->size(0) > max_s_),
+                "ExpertLayerPlan: a sequence id is beyond the per-sequence tensors");
     // The largest budget any token asks for (before clamping to a layer's N).
     max_k_ = 0;
-    const int64_t* seq_p = data_or_null<int64_t>(seq_);
     const int64_t* k_p = data_or_null<int64_t>(seq_top_k_);
     for (int64_t t = 0; t < T_; ++t) {
       const int64_t s = seq_p ? seq_p[t] : 0;
@@ -118,7 +132,8 @@ class ExpertLayerPlan {
     }
     if (hits) {
       check_cpu(*hits, at::kLong, 2, "hits");
-      TORCH_CHECK(hits->size(1) == N, "ExpertLayerPlan: hits must be [S, N]");
+      TORCH_CHECK(hits->size(1) == N && hits->size(0) > max_s_,
+                  "ExpertLayerPlan: hits must be [S, N]");
     }
     if (mask_) TORCH_CHECK(mask_->size(1) == N, "ExpertLayerPlan: the mask has another N");
     if (!accepts(N)) return false;
@@ -178,6 +193,7 @@ class ExpertLayerPlan {
   float inv_tau_;
   int64_t kernel_max_tokens_;
   int64_t max_k_;
+  int64_t max_s_;  // the largest sequence id of any token
   at::Tensor slot_scale_;
   std::optional<at::Tensor> mask_, seq_, seq_top_k_, seq_threshold_, valid_;
   std::vector<int32_t> scratch_;  // per-token counts nobody records

@@ -145,6 +145,44 @@ def test_unrecorded_counts_and_one_shared_mask_row():
     assert torch.count_nonzero(want) > 0
 
 
+def test_one_shared_mask_row_with_several_sequences():
+    """Every sequence at one version (one mask row) but with overrides of its own."""
+    case = _case(11, 20)
+    y, active, hits = _outputs(case)
+    shared = case["mask"][2:3]  # [1, N]
+    with torch.inference_mode():
+        assert _plan(case, mask=shared).apply(
+            case["x"], case["A"], case["B"], y, None, active, hits
+        )
+    want, want_active, want_hits = _tensor_path(
+        case["x"] @ case["A"].t(),
+        case["B"],
+        seq=case["seq"],
+        mask=shared.expand(case["num_seqs"], -1),
+        present=torch.ones(48, dtype=torch.bool),
+        top_k=case["top_k"],
+        threshold=case["threshold"],
+        scale=case["scale"],
+        valid=case["valid"],
+        tau=TAU,
+        num_seqs=case["num_seqs"],
+    )
+    torch.testing.assert_close(y - case["base"], want, rtol=1e-4, atol=1e-4)
+    assert torch.equal(active, want_active) and torch.equal(hits, want_hits)
+    assert want_active.sum() > 0
+
+
+def test_sequence_ids_beyond_the_per_sequence_tensors_raise():
+    case = _case(2, 6)
+    case["seq"][3] = case["num_seqs"]  # one sequence too many
+    with pytest.raises(RuntimeError, match="beyond the per-sequence tensors"):
+        _plan(case)
+    case = _case(2, 6)
+    y, active, hits = _outputs(case)
+    with pytest.raises(RuntimeError, match="hits must be"):
+        _plan(case).apply(case["x"], case["A"], case["B"], y, None, active, hits[:2])
+
+
 def test_a_budget_over_the_limit_is_refused_before_anything_is_written():
     limit = native.max_top_k()
     g = torch.Generator().manual_seed(0)
