@@ -71,6 +71,23 @@ def _outputs(case: dict):
     )
 
 
+def _reference(case: dict, **overrides):
+    """The readable tensor path (route + apply_values) on the case, fields overridable."""
+    kwargs = dict(
+        seq=case["seq"],
+        mask=case["mask"],
+        present=case["present"],
+        top_k=case["top_k"],
+        threshold=case["threshold"],
+        scale=case["scale"],
+        valid=case["valid"],
+        tau=TAU,
+        num_seqs=case["num_seqs"],
+    )
+    kwargs.update(overrides)
+    return _tensor_path(case["x"] @ case["A"].t(), case["B"], **kwargs)
+
+
 # 1 and 16: the score kernel (a decode step); 100: past _KERNEL_MAX_TOKENS, at::mm (prefill).
 @pytest.mark.parametrize("num_tokens", [1, 16, 37, 100])
 @pytest.mark.parametrize("seed", range(3))
@@ -102,19 +119,7 @@ def test_plan_equals_the_two_call_path(num_tokens, seed):
     assert torch.equal(hits, hits_two)
 
     # and the readable tensor path (route + apply_values) agrees within float error
-    want, want_active, want_hits = _tensor_path(
-        case["x"] @ case["A"].t(),
-        case["B"],
-        seq=case["seq"],
-        mask=case["mask"],
-        present=case["present"],
-        top_k=case["top_k"],
-        threshold=case["threshold"],
-        scale=case["scale"],
-        valid=case["valid"],
-        tau=TAU,
-        num_seqs=case["num_seqs"],
-    )
+    want, want_active, want_hits = _reference(case)
     torch.testing.assert_close(y - case["base"], want, rtol=1e-4, atol=1e-4)
     assert torch.equal(active, want_active)
     assert torch.equal(hits, want_hits)
@@ -128,17 +133,14 @@ def test_unrecorded_counts_and_one_shared_mask_row():
     plan = _plan(case, mask=shared, seq=None, seq_top_k=None, seq_threshold=None, valid=None)
     with torch.inference_mode():
         assert plan.apply(case["x"], case["A"], case["B"], y, None, None, None)
-    want, _, _ = _tensor_path(
-        case["x"] @ case["A"].t(),
-        case["B"],
+    want, _, _ = _reference(
+        case,
         seq=torch.zeros(16, dtype=torch.long),
         mask=shared,
         present=torch.ones(48, dtype=torch.bool),
         top_k=torch.tensor([8]),
         threshold=torch.tensor([0.2]),
-        scale=case["scale"],
         valid=torch.ones(16, dtype=torch.bool),
-        tau=TAU,
         num_seqs=1,
     )
     torch.testing.assert_close(y - case["base"], want, rtol=1e-4, atol=1e-4)
@@ -154,18 +156,10 @@ def test_one_shared_mask_row_with_several_sequences():
         assert _plan(case, mask=shared).apply(
             case["x"], case["A"], case["B"], y, None, active, hits
         )
-    want, want_active, want_hits = _tensor_path(
-        case["x"] @ case["A"].t(),
-        case["B"],
-        seq=case["seq"],
+    want, want_active, want_hits = _reference(
+        case,
         mask=shared.expand(case["num_seqs"], -1),
         present=torch.ones(48, dtype=torch.bool),
-        top_k=case["top_k"],
-        threshold=case["threshold"],
-        scale=case["scale"],
-        valid=case["valid"],
-        tau=TAU,
-        num_seqs=case["num_seqs"],
     )
     torch.testing.assert_close(y - case["base"], want, rtol=1e-4, atol=1e-4)
     assert torch.equal(active, want_active) and torch.equal(hits, want_hits)
