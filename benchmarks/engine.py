@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_common import write_report
 
 from mora_runtime.engine import Engine, EngineConfig, TokenEvent
 from mora_runtime.lm import LoadedLM, load_causal_lm
@@ -230,10 +231,7 @@ def main() -> None:
         f"questions identical for {100 * q['greedy_identical']:.0f}% of them, first "
         f"difference after {q['greedy_prefix']:.1f} tokens on average.",
     ]
-    text = "\n".join(lines) + "\n"
-    print("\n" + text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("# Engine benchmark\n\n" + text)
+    write_report(args.out, "Engine benchmark", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -13,12 +13,12 @@ to 2x within minutes, so compare rows of one run).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from bench_common import HERE, load_engine_benchmark, write_report
 
 from mora_runtime import native, patching
 from mora_runtime.engine import Engine, EngineConfig
@@ -26,15 +26,7 @@ from mora_runtime.lm import load_causal_lm
 from mora_runtime.patching import patch_model, unpatch_model
 from mora_runtime.sampling import SamplingParams
 
-HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "pool_step.md"
-
-
-def _engine_benchmark():
-    spec = importlib.util.spec_from_file_location("engine_benchmark", HERE / "engine.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def measure(lm, pool, prompts: list[list[int]], rounds: int) -> tuple[float, float]:
@@ -77,7 +69,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    bench = _engine_benchmark()
+    bench = load_engine_benchmark()
     lm = load_causal_lm(weights="int4")
     native.available()  # the two-call path's ctypes library: built now, not while timed
     pool = patch_model(lm.model)
@@ -115,10 +107,7 @@ def main() -> None:
     ]
     for label, prefill, decode in rows:
         lines.append(f"| {label} | {prefill:.2f} | {decode:.1f} | {empty / decode:.2f}x |")
-    text = "\n".join(lines) + "\n"
-    print("\n" + text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("# Pool step benchmark\n\n" + text)
+    write_report(args.out, "Pool step benchmark", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

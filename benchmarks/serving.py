@@ -29,7 +29,6 @@ Ratios compare runs of this one process: timings on this machine drift by up to 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import secrets
 import sys
@@ -38,26 +37,17 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
 import httpx
 import torch
+from bench_common import HERE, load_engine_benchmark, write_report
 
 from mora_runtime.lm import load_causal_lm
 from mora_runtime.patching import find_target_modules
 from mora_runtime.store import ExpertSet, ExpertSetMeta, base_fingerprint, save_expert_set
 
 RANK = 16
-HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "serving.md"
-
-
-def engine_benchmark() -> ModuleType:
-    """benchmarks/engine.py, loaded by path (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("engine_benchmark", HERE / "engine.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def unshadow_serving() -> None:
@@ -200,7 +190,7 @@ def main() -> None:
     from serving.config import ServerConfig
     from serving.launcher import free_ports
 
-    bench = engine_benchmark()
+    bench = load_engine_benchmark()
     generate_tps, prompt_ids = bench.generate_tps, bench.prompt_ids
     lm = load_causal_lm(weights="float")
     prompts = [prompt_ids(lm.tokenizer, i) for i in range(64)]
@@ -318,9 +308,7 @@ def main() -> None:
         "pool-nocache",
     )
     text = table({key: runs[key] for key in order}, args, threads)
-    print("\n" + text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("# Serving benchmark\n\n" + text)
+    write_report(args.out, "Serving benchmark", text)
 
 
 if __name__ == "__main__":
