@@ -32,7 +32,7 @@ from .kv_cache import BatchKVCache
 from .openmp import in_fresh_thread
 from .patching import forward_context
 from .pool import ExpertPool, PoolSnapshot
-from .prefix_cache import BLOCK, PrefixCache, block_keys
+from .prefix_cache import BLOCK, PrefixCache
 from .sampling import SamplingParams, sample_next
 from .stats import SequenceRouting, StepTiming
 
@@ -333,7 +333,7 @@ class Engine:
     def _prefill(self, seqs: list[_Sequence]) -> dict[str, tuple[float, ...]]:
         """Prefill the admitted prompts together: left-padded, each row's cached prefix
         blocks (if any) in the cache columns in front, only the rest computed."""
-        keys = [block_keys(self._prefix_context(s), s.prompt) for s in seqs]
+        keys = [self.prefix_cache.keys(self._prefix_context(s), s.prompt) for s in seqs]
         reused = [
             # Prompt logprobs need every prompt position's logits: nothing reused for them.
             []
@@ -386,8 +386,6 @@ class Engine:
         """Keep the full prompt blocks not stored yet (prefix_cache.py). A computed prompt
         token j sits in column end - len(prompt) + j; stored blocks are all in front of the
         computed ones, so every block missing here was computed by this prefill."""
-        if self.prefix_cache.max_blocks <= 0:
-            return
         for row, (seq, row_keys) in enumerate(zip(seqs, keys, strict=True)):
             offset = end - len(seq.prompt)
             for index, key in enumerate(row_keys):

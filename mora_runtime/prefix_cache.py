@@ -53,6 +53,11 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._blocks)
 
+    def keys(self, context: Hashable, prompt: Sequence[int]) -> list[bytes]:
+        """`block_keys` of a prompt, or none when the cache is off (nothing to look up or
+        store, so no hashing either)."""
+        return block_keys(context, prompt) if self.max_blocks > 0 else []
+
     def __contains__(self, key: bytes) -> bool:
         return key in self._blocks
 

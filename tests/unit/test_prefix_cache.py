@@ -115,3 +115,4 @@ def test_lookup_leaves_the_last_token_and_the_oldest_blocks_go_first():
     off = PrefixCache(max_blocks=0)
     off.store(keys[0], block)
     assert len(off) == 0 and off.lookup(keys, len(prompt) + 1) == []
+    assert off.keys("ctx", prompt) == [] and cache.keys("ctx", prompt) == block_keys("ctx", prompt)
