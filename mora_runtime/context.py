@@ -77,14 +77,20 @@ class _Recorder:
         )  # [L, T]
         self.kinds: list[str] = []
 
-    def next_row(self, kind: str) -> Tensor:
-        """The [T] int32 row the next layer writes its per-token active counts into."""
+    def next_index(self, kind: str) -> tuple[Tensor, int]:
+        """(the [L, T] int32 buffer, the row of it the next layer writes its per-token
+        active counts into)."""
         if len(self.kinds) == self.active.shape[0]:
             grown = self.active.new_zeros(2 * self.active.shape[0], self.active.shape[1])
             grown[: len(self.kinds)] = self.active
             self.active = grown
         self.kinds.append(kind)
-        return self.active[len(self.kinds) - 1]
+        return self.active, len(self.kinds) - 1
+
+    def next_row(self, kind: str) -> Tensor:
+        """The [T] int32 row the next layer writes its per-token active counts into."""
+        buffer, row = self.next_index(kind)
+        return buffer[row]
 
 
 class ForwardContext:
@@ -175,15 +181,18 @@ class ForwardContext:
         return torch.as_tensor(list(values), device=device, dtype=dtype)
 
     # ------------------------------------------------------------------ recording
-    def active_row(self, kind: str, layout: Layout) -> Tensor | None:
-        """[T] int32 buffer row for one layer's per-token active counts (None: not recording)."""
-        if not self.record:
-            return None
+    def _recorder(self, layout: Layout) -> _Recorder:
         recorder = self._recorders.get(layout.num_tokens)
         if recorder is None:
             recorder = _Recorder(layout, self.valid_mask(layout))
             self._recorders[layout.num_tokens] = recorder
-        return recorder.next_row(kind)
+        return recorder
+
+    def active_row(self, kind: str, layout: Layout) -> Tensor | None:
+        """[T] int32 buffer row for one layer's per-token active counts (None: not recording)."""
+        if not self.record:
+            return None
+        return self._recorder(layout).next_row(kind)
 
     def valid_mask(self, layout: Layout) -> Tensor | None:
         """[T] bool: tokens counted in the statistics, None when all are."""
@@ -216,6 +225,17 @@ class ForwardContext:
         if not self.record:
             return None, None
         return self.active_row(kind, layout), self.slot_hits(layout)
+
+    def recording_buffers(
+        self, kind: str, layout: Layout
+    ) -> tuple[Tensor | None, int, Tensor | None]:
+        """`recording` without making the row's view (a tensor op, which releases the
+        GIL): (the [L, T] active buffer, this layer's row in it, `slot_hits`), or
+        (None, 0, None) when not recording."""
+        if not self.record:
+            return None, 0, None
+        buffer, row = self._recorder(layout).next_index(kind)
+        return buffer, row, self.slot_hits(layout)
 
     def record_routing(self, kind: str, routing: Routing, layout: Layout) -> None:
         """The tensor path's routing of one layer, into the same buffers the kernel fills."""

@@ -111,17 +111,17 @@ class MoRALinear(nn.Module):
         if num_slots == 0:
             return y  # empty pool: the base output, bit for bit
         ctx = current_context(pool)
-        x2 = x.reshape(-1, x.shape[-1])  # [T, D]
         batch_rows = x.shape[0] if x.ndim > 2 else 1
-        layout = ctx.layout(x2.shape[0], batch_rows, num_slots, x2.device)
+        layout = ctx.layout(x.numel() // x.shape[-1], batch_rows, num_slots, x.device)
         if layout is None:
             return y  # no sequence of this forward sees any expert
         layer = self._layer
         A, B, present = layer.views(num_slots)  # [N, D], [N, O], [N]
+        if not ctx.training and self._fused_update(x, y, A, B, present, layout, ctx):
+            return y
+        x2 = x.reshape(-1, x.shape[-1])  # [T, D]
         if A.dtype != x2.dtype:
             A, B = A.to(x2.dtype), B.to(x2.dtype)
-        if not ctx.training and self._fused_update(x2, y, A, B, present, layout, ctx):
-            return y
         z = _scores(x2, A, inference=not ctx.training)  # [T, N]: every expert, every token
         if not ctx.training and self._native_update(y, z, B, present, layout, ctx):
             return y
@@ -151,7 +151,7 @@ class MoRALinear(nn.Module):
 
     def _fused_update(
         self,
-        x2: Tensor,
+        x: Tensor,
         y: Tensor,
         A: Tensor,
         B: Tensor,
@@ -160,7 +160,12 @@ class MoRALinear(nn.Module):
         ctx: ForwardContext,
     ) -> bool:
         """Scores, routing and update of this layer in one extension call, if it applies
-        (csrc/expert_layer.cpp: the same arithmetic as `_scores` + `_native_update`)."""
+        (csrc/expert_layer.cpp: the same arithmetic as `_scores` + `_native_update`).
+
+        No tensor op on the way: a decode step makes this call in every adapted layer, and
+        each op would release the GIL, which a server replica's other threads then hold
+        for a while (measured: a busy second Python thread made the pool's share of a
+        decode step several times larger)."""
         plan = layout.extras.get("plan", _UNSET)
         if plan is _UNSET:
             plan = layout.extras["plan"] = _layer_plan(self._pool, layout, ctx)
@@ -168,19 +173,14 @@ class MoRALinear(nn.Module):
             plan is None
             or y.requires_grad
             or y.dtype != torch.float32
-            or x2.dtype != torch.float32
+            or x.dtype != torch.float32
+            or A.dtype != torch.float32
             or not y.is_contiguous()
         ):
             return False
-        active, hits = ctx.recording(self.kind, layout)
+        active, row, hits = ctx.recording_buffers(self.kind, layout)
         return plan.apply(
-            x2.contiguous(),
-            A,
-            B,
-            y.view(-1, y.shape[-1]),
-            present if self._layer.absent_slots else None,
-            active,
-            hits,
+            x, A, B, y, present if self._layer.absent_slots else None, active, row, hits
         )
 
     def _native_update(

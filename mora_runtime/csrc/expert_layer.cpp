@@ -7,7 +7,9 @@
 // built with -mfma and C++ contracts multiply-adds), so a score exactly at the threshold
 // could go either way. What it saves is that path's per-layer cost (a Python round trip,
 // a ctypes call with 20 arguments, the z tensor), paid by every adapted layer of every
-// decode step; prefill-sized batches also route on every thread instead of one.
+// decode step; prefill-sized batches also route on every thread instead of one. x and y
+// come in the model's shape ([B, L, D] / [B, L, O]) and the counts go into a row of the
+// recorder's [L, T] buffer, so the caller makes no tensor op (each would release the GIL).
 //
 // A plan holds what stays the same for every layer of one forward (patching.py builds one
 // per forward): routing defaults, per-sequence overrides, token -> sequence, masks.
@@ -24,7 +26,7 @@ extern "C" {
 }
 
 void expert_scores_into(const float* x, const float* a, float* z, int64_t T, int64_t D,
-                        int64_t N);
+                        int64_t N, bool threaded);
 
 namespace {
 
@@ -99,36 +101,44 @@ class ExpertLayerPlan {
     }
   }
 
+  // Whether `apply` runs without the GIL: only past the decode-sized kernel path.
+  bool releases_gil() const { return T_ > kernel_max_tokens_; }
+
   // Whether a layer of N slots can take the plan (every token's k_eff <= MORA_MAX_K).
   bool accepts(int64_t N) const {
     return std::min(std::max<int64_t>(max_k_, MORA_MIN_TOP_K), N) <= MORA_MAX_K;
   }
 
-  // y [T, O] += the layer's MoRA delta, in place. x [T, D], A [N, D], B [N, O] float;
-  // present [N] bool (None: every slot); active [T] int32 (None: not recorded) gets the
-  // experts each token used; hits [S, N] long (None: not recorded) += 1 per (token, expert)
-  // where the token is valid. Returns false, writing nothing, when `accepts(N)` is false.
-  bool apply(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B, at::Tensor y,
+  // y += the layer's MoRA delta, in place. x [..., D] and y [..., O] float, T rows each
+  // (y contiguous; any leading shape, so the caller reshapes nothing); A [N, D], B [N, O]
+  // float; present [N] bool (None: every slot); active [L, T] int32 (None: not recorded):
+  // row `active_row` gets the experts each token used; hits [S, N] long (None: not
+  // recorded) += 1 per (token, expert) where the token is valid. Returns false, writing
+  // nothing, when `accepts(N)` is false.
+  bool apply(const at::Tensor& x_in, const at::Tensor& A, const at::Tensor& B, at::Tensor y,
              const std::optional<at::Tensor>& present, const std::optional<at::Tensor>& active,
-             const std::optional<at::Tensor>& hits) {
-    check_cpu(x, at::kFloat, 2, "x");
+             int64_t active_row, const std::optional<at::Tensor>& hits) {
+    TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat && x_in.dim() >= 1,
+                "ExpertLayerPlan: x must be a float32 CPU tensor");
     check_cpu(A, at::kFloat, 2, "A");
     check_cpu(B, at::kFloat, 2, "B");
-    TORCH_CHECK(y.device().is_cpu() && y.scalar_type() == at::kFloat && y.dim() == 2 &&
-                    y.stride(1) == 1,
-                "ExpertLayerPlan: y must be a float32 CPU matrix with unit column stride");
+    TORCH_CHECK(y.device().is_cpu() && y.scalar_type() == at::kFloat && y.dim() >= 1 &&
+                    y.is_contiguous(),
+                "ExpertLayerPlan: y must be a contiguous float32 CPU tensor");
     const int64_t N = A.size(0), D = A.size(1), O = B.size(1);
-    TORCH_CHECK(x.size(0) == T_ && x.size(1) == D && B.size(0) == N && y.size(0) == T_ &&
-                    y.size(1) == O && slot_scale_.size(0) >= N,
-                "ExpertLayerPlan: shapes do not match the plan (x [T, D], A [N, D], B [N, O], "
-                "y [T, O])");
+    TORCH_CHECK(x_in.size(-1) == D && x_in.numel() == T_ * D && B.size(0) == N &&
+                    y.size(-1) == O && y.numel() == T_ * O && slot_scale_.size(0) >= N,
+                "ExpertLayerPlan: shapes do not match the plan (x [..., D] and y [..., O] with "
+                "T rows, A [N, D], B [N, O])");
+    const at::Tensor x = (x_in.is_contiguous() ? x_in : x_in.contiguous()).view({T_, D});
     if (present) {
       check_cpu(*present, at::kBool, 1, "present");
       TORCH_CHECK(present->size(0) == N, "ExpertLayerPlan: present must have N entries");
     }
     if (active) {
-      check_cpu(*active, at::kInt, 1, "active");
-      TORCH_CHECK(active->size(0) == T_, "ExpertLayerPlan: active must have T entries");
+      check_cpu(*active, at::kInt, 2, "active");
+      TORCH_CHECK(active->size(1) == T_ && active_row >= 0 && active_row < active->size(0),
+                  "ExpertLayerPlan: active must be [L, T] with the row inside it");
     }
     if (hits) {
       check_cpu(*hits, at::kLong, 2, "hits");
@@ -142,18 +152,18 @@ class ExpertLayerPlan {
     at::Tensor z;
     if (T_ <= kernel_max_tokens_) {
       z = at::empty({T_, N}, x.options());
-      expert_scores_into(x.data_ptr<float>(), A.data_ptr<float>(), z.data_ptr<float>(), T_, D, N);
+      expert_scores_into(x.data_ptr<float>(), A.data_ptr<float>(), z.data_ptr<float>(), T_, D, N,
+                         /*threaded=*/true);
     } else {
       z = at::mm(x, A.t()).contiguous();  // what torch.mm does for the two-call path
     }
 
     const int64_t K = std::min(std::max<int64_t>(max_k_, MORA_MIN_TOP_K), N);
     std::vector<int64_t> slots(static_cast<size_t>(T_ * K));
-    int32_t* counts = active ? active->data_ptr<int32_t>() : scratch_.data();
+    int32_t* counts = active ? active->data_ptr<int32_t>() + active_row * T_ : scratch_.data();
     const float* zp = z.data_ptr<float>();
     const float* Bp = B.data_ptr<float>();
     float* yp = y.data_ptr<float>();
-    const int64_t y_stride = y.stride(0);
     const uint8_t* mask_p = data_or_null<uint8_t>(mask_);
     const int64_t mask_rows = mask_ ? mask_->size(0) : 0;
     const int64_t* seq_p = data_or_null<int64_t>(seq_);
@@ -169,7 +179,7 @@ class ExpertLayerPlan {
         const int64_t s = seq_p ? seq_p[t] : 0;
         const uint8_t* visible = mask_p ? mask_p + (mask_rows == 1 ? 0 : s) * N : nullptr;
         counts[t] = static_cast<int32_t>(mora_route_token(
-            zp + t * N, N, Bp, O, yp + t * y_stride, visible, present_p,
+            zp + t * N, N, Bp, O, yp + t * O, visible, present_p,
             mora_budget(k_p, s, default_k_, N), thr_p ? thr_p[s] : default_threshold_,
             inv_tau_, scale_p, slots.data() + t * K));
       }
@@ -210,5 +220,21 @@ void bind_expert_layer(pybind11::module& module) {
            py::arg("slot_scale"), py::arg("kernel_max_tokens"), py::arg("mask"),
            py::arg("seq"), py::arg("seq_top_k"), py::arg("seq_threshold"), py::arg("valid"))
       .def("accepts", &ExpertLayerPlan::accepts)
-      .def("apply", &ExpertLayerPlan::apply, py::call_guard<py::gil_scoped_release>());
+      // The GIL is kept for decode-sized calls (tens of microseconds): each release hands
+      // it to whichever thread waits (a server replica's event loop), and taking it back
+      // waits for that thread, once per adapted layer. Prefill-sized calls release it.
+      .def(
+          "apply",
+          [](ExpertLayerPlan& plan, const at::Tensor& x, const at::Tensor& A,
+             const at::Tensor& B, at::Tensor y, const std::optional<at::Tensor>& present,
+             const std::optional<at::Tensor>& active, int64_t active_row,
+             const std::optional<at::Tensor>& hits) {
+            if (!plan.releases_gil()) {
+              return plan.apply(x, A, B, y, present, active, active_row, hits);
+            }
+            py::gil_scoped_release release;
+            return plan.apply(x, A, B, y, present, active, active_row, hits);
+          },
+          py::arg("x"), py::arg("A"), py::arg("B"), py::arg("y"), py::arg("present"),
+          py::arg("active"), py::arg("active_row"), py::arg("hits"));
 }

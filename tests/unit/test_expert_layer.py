@@ -95,7 +95,9 @@ def test_plan_equals_the_two_call_path(num_tokens, seed):
     case = _case(seed, num_tokens)
     y, active, hits = _outputs(case)
     with torch.inference_mode():
-        assert _plan(case).apply(case["x"], case["A"], case["B"], y, case["present"], active, hits)
+        assert _plan(case).apply(
+            case["x"], case["A"], case["B"], y, case["present"], active[None], 0, hits
+        )
 
         y_two, active_two, hits_two = _outputs(case)
         z = patching._scores(case["x"], case["A"], inference=True)
@@ -126,13 +128,50 @@ def test_plan_equals_the_two_call_path(num_tokens, seed):
     assert want_active.sum() > 0 and (active[case["seq"] == 0] == 0).all()
 
 
+def test_batched_and_strided_inputs_and_one_row_of_a_recording_buffer():
+    """x and y as a model hands them over ([B, L, D], x possibly strided), and the counts
+    written into the given row of an [L, T] buffer only: the same as the flat call."""
+    case = _case(5, 12)
+    y_flat, active_flat, hits_flat = _outputs(case)
+    y, _, hits = _outputs(case)
+    buffer = torch.full((4, 12), -7, dtype=torch.int32)
+    x3 = case["x"].reshape(3, 4, -1)
+    x_strided = x3.transpose(0, 1).contiguous().transpose(0, 1)  # same values, other strides
+    assert not x_strided.is_contiguous()
+    with torch.inference_mode():
+        assert _plan(case).apply(
+            case["x"],
+            case["A"],
+            case["B"],
+            y_flat,
+            case["present"],
+            active_flat[None],
+            0,
+            hits_flat,
+        )
+        y3 = y.view(3, 4, -1)
+        assert _plan(case).apply(
+            x_strided, case["A"], case["B"], y3, case["present"], buffer, 2, hits
+        )
+    torch.testing.assert_close(y, y_flat, rtol=0, atol=0)
+    assert torch.equal(buffer[2], active_flat) and active_flat.sum() > 0
+    assert (buffer[[0, 1, 3]] == -7).all()
+    assert torch.equal(hits, hits_flat)
+    y_bad, _, hits = _outputs(case)
+    with pytest.raises(RuntimeError, match="row inside it"):
+        _plan(case).apply(case["x"], case["A"], case["B"], y_bad, None, buffer, 4, hits)
+    with pytest.raises(RuntimeError, match="y must be a contiguous"):
+        _plan(case).apply(case["x"], case["A"], case["B"], y_bad.t(), None, None, 0, None)
+    assert torch.equal(y_bad, case["base"])  # refused before writing
+
+
 def test_unrecorded_counts_and_one_shared_mask_row():
     case = _case(7, 16)
     y, _, _ = _outputs(case)
     shared = case["mask"][1:2]  # [1, N]: every token sees the same slots
     plan = _plan(case, mask=shared, seq=None, seq_top_k=None, seq_threshold=None, valid=None)
     with torch.inference_mode():
-        assert plan.apply(case["x"], case["A"], case["B"], y, None, None, None)
+        assert plan.apply(case["x"], case["A"], case["B"], y, None, None, 0, None)
     want, _, _ = _reference(
         case,
         seq=torch.zeros(16, dtype=torch.long),
@@ -154,7 +193,7 @@ def test_one_shared_mask_row_with_several_sequences():
     shared = case["mask"][2:3]  # [1, N]
     with torch.inference_mode():
         assert _plan(case, mask=shared).apply(
-            case["x"], case["A"], case["B"], y, None, active, hits
+            case["x"], case["A"], case["B"], y, None, active[None], 0, hits
         )
     want, want_active, want_hits = _reference(
         case,
@@ -174,7 +213,7 @@ def test_sequence_ids_beyond_the_per_sequence_tensors_raise():
     case = _case(2, 6)
     y, active, hits = _outputs(case)
     with pytest.raises(RuntimeError, match="hits must be"):
-        _plan(case).apply(case["x"], case["A"], case["B"], y, None, active, hits[:2])
+        _plan(case).apply(case["x"], case["A"], case["B"], y, None, active[None], 0, hits[:2])
 
 
 def test_a_budget_over_the_limit_is_refused_before_anything_is_written():
@@ -201,7 +240,7 @@ def test_a_budget_over_the_limit_is_refused_before_anything_is_written():
     assert plan.accepts(limit)  # k_eff is clamped to N
     y = torch.zeros(3, 8)
     with torch.inference_mode():
-        assert not plan.apply(x, A, B, y, None, None, None)
+        assert not plan.apply(x, A, B, y, None, None, 0, None)
     assert torch.count_nonzero(y) == 0
 
 
@@ -210,11 +249,11 @@ def test_mismatched_shapes_raise():
     y, active, hits = _outputs(case)
     with pytest.raises(RuntimeError, match="shapes do not match"):
         narrow = case["x"][:, :-1].contiguous()
-        _plan(case).apply(narrow, case["A"], case["B"], y, None, active, hits)
+        _plan(case).apply(narrow, case["A"], case["B"], y, None, active[None], 0, hits)
     with pytest.raises(RuntimeError, match="one entry per token"):
         _plan(case, num_tokens=6)
     with pytest.raises(RuntimeError, match="hits must be"):
-        _plan(case).apply(case["x"], case["A"], case["B"], y, None, active, hits[:, :-1])
+        _plan(case).apply(case["x"], case["A"], case["B"], y, None, active[None], 0, hits[:, :-1])
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
