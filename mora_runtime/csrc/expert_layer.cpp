@@ -1,7 +1,8 @@
 // One adapted layer's whole MoRA update in one call, for CPU float32 inference:
-//   z = x A^T (expert_scores.cpp up to `kernel_max_tokens` tokens, else at::mm),
-//   then every token's routing and value update (mora_route.h; beyond 64 tokens split over
-//   torch's thread pool), then the activation counts.
+//   z = x A^T (expert_scores.cpp's tiles up to `kernel_max_tokens` tokens, else at::mm),
+//   then every token's routing and value update (mora_route.h), then the activation
+//   counts. Up to `kernel_max_tokens` tokens both phases run in one OpenMP region (torch's
+//   thread count); beyond, at::mm and then the tokens over torch's thread pool.
 // The same arithmetic as patching.py's two-call path (`_scores`, then the ctypes routing
 // library): the same scores; the routing and update may round differently (this file is
 // built with -mfma and C++ contracts multiply-adds), so a score exactly at the threshold
@@ -14,6 +15,7 @@
 // A plan holds what stays the same for every layer of one forward (patching.py builds one
 // per forward): routing defaults, per-sequence overrides, token -> sequence, masks.
 #include <ATen/Parallel.h>
+#include <omp.h>
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -25,8 +27,8 @@ extern "C" {
 #include "mora_route.h"
 }
 
-void expert_scores_into(const float* x, const float* a, float* z, int64_t T, int64_t D,
-                        int64_t N, bool threaded);
+void expert_score_groups(const float* x, const float* a, float* z, int64_t g_begin,
+                         int64_t g_end, int64_t T, int64_t D, int64_t N);
 
 namespace {
 
@@ -149,19 +151,9 @@ class ExpertLayerPlan {
     if (!accepts(N)) return false;
     if (T_ == 0 || N == 0) return true;
 
-    at::Tensor z;
-    if (T_ <= kernel_max_tokens_) {
-      z = at::empty({T_, N}, x.options());
-      expert_scores_into(x.data_ptr<float>(), A.data_ptr<float>(), z.data_ptr<float>(), T_, D, N,
-                         /*threaded=*/true);
-    } else {
-      z = at::mm(x, A.t()).contiguous();  // what torch.mm does for the two-call path
-    }
-
     const int64_t K = std::min(std::max<int64_t>(max_k_, MORA_MIN_TOP_K), N);
     std::vector<int64_t> slots(static_cast<size_t>(T_ * K));
     int32_t* counts = active ? active->data_ptr<int32_t>() + active_row * T_ : scratch_.data();
-    const float* zp = z.data_ptr<float>();
     const float* Bp = B.data_ptr<float>();
     float* yp = y.data_ptr<float>();
     const uint8_t* mask_p = data_or_null<uint8_t>(mask_);
@@ -171,19 +163,42 @@ class ExpertLayerPlan {
     const float* thr_p = data_or_null<float>(seq_threshold_);
     const uint8_t* present_p = data_or_null<uint8_t>(present);
     const float* scale_p = slot_scale_.data_ptr<float>();
-    // Tokens are independent (each writes its own row of y and of `slots`). A decode step's
-    // few dozen tokens take ~1 us each: split over threads only beyond that, since a
-    // parallel region costs as much there and more when another process holds a core.
-    at::parallel_for(0, T_, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t s = seq_p ? seq_p[t] : 0;
-        const uint8_t* visible = mask_p ? mask_p + (mask_rows == 1 ? 0 : s) * N : nullptr;
-        counts[t] = static_cast<int32_t>(mora_route_token(
-            zp + t * N, N, Bp, O, yp + t * O, visible, present_p,
-            mora_budget(k_p, s, default_k_, N), thr_p ? thr_p[s] : default_threshold_,
-            inv_tau_, scale_p, slots.data() + t * K));
+    // Tokens are independent: each writes its own row of y and of `slots`.
+    const auto route = [&](const float* zp, int64_t t) {
+      const int64_t s = seq_p ? seq_p[t] : 0;
+      const uint8_t* visible = mask_p ? mask_p + (mask_rows == 1 ? 0 : s) * N : nullptr;
+      counts[t] = static_cast<int32_t>(mora_route_token(
+          zp + t * N, N, Bp, O, yp + t * O, visible, present_p,
+          mora_budget(k_p, s, default_k_, N), thr_p ? thr_p[s] : default_threshold_, inv_tau_,
+          scale_p, slots.data() + t * K));
+    };
+
+    if (T_ <= kernel_max_tokens_) {
+      at::Tensor z = at::empty({T_, N}, x.options());
+      const float* xp = x.data_ptr<float>();
+      const float* ap = A.data_ptr<float>();
+      float* zp = z.data_ptr<float>();
+      const int64_t groups = (N + 3) / 4;
+      const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), groups));
+      // One parallel region for both phases of a decode step: the keys split over the
+      // threads, a barrier (every token needs every key's score), then the tokens. Routing
+      // in a region of its own cost more than it saved; after the barrier it is split for
+      // free (16 tokens x 160 slots, 2 threads: the call beyond its scores went from ~16 to
+      // ~10 us).
+#pragma omp parallel num_threads(threads) if (threads > 1)
+      {
+        const int64_t tid = omp_get_thread_num(), nt = omp_get_num_threads();
+        expert_score_groups(xp, ap, zp, groups * tid / nt, groups * (tid + 1) / nt, T_, D, N);
+#pragma omp barrier
+        for (int64_t t = tid; t < T_; t += nt) route(zp, t);
       }
-    });
+    } else {
+      const at::Tensor z = at::mm(x, A.t()).contiguous();  // what torch.mm does (two-call path)
+      const float* zp = z.data_ptr<float>();
+      at::parallel_for(0, T_, 64, [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) route(zp, t);
+      });
+    }
     if (hits) {  // serial: tokens of one sequence add into the same row
       int64_t* hits_p = hits->data_ptr<int64_t>();
       const uint8_t* valid_p = data_or_null<uint8_t>(valid_);

@@ -50,26 +50,17 @@ void key_tile(const float* x, const float* a, float* z, int64_t n0, int64_t T, i
 
 }  // namespace
 
-// z [T, N] = x [T, D] @ A [N, D]^T into z (also called by expert_layer.cpp). `threaded`:
-// split the keys over torch's thread pool; else all on the calling thread.
-void expert_scores_into(const float* xp, const float* ap, float* zp, int64_t T, int64_t D,
-                        int64_t N, bool threaded) {
-  if (T == 0 || N == 0) return;
-  const int64_t groups = (N + 3) / 4;
-  const auto run = [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g) {
-      const int64_t n0 = 4 * g;
-      if (n0 + 4 <= N) {
-        key_tile<4>(xp, ap, zp, n0, T, D, N);
-      } else {
-        for (int64_t n = n0; n < N; ++n) key_tile<1>(xp, ap, zp, n, T, D, N);
-      }
+// Key groups [g_begin, g_end) of 4 keys each (the last may be short) of z [T, N] = x A^T,
+// on the calling thread (expert_layer.cpp splits groups over the threads of its own region).
+void expert_score_groups(const float* xp, const float* ap, float* zp, int64_t g_begin,
+                         int64_t g_end, int64_t T, int64_t D, int64_t N) {
+  for (int64_t g = g_begin; g < g_end; ++g) {
+    const int64_t n0 = 4 * g;
+    if (n0 + 4 <= N) {
+      key_tile<4>(xp, ap, zp, n0, T, D, N);
+    } else {
+      for (int64_t n = n0; n < N; ++n) key_tile<1>(xp, ap, zp, n, T, D, N);
     }
-  };
-  if (threaded) {
-    at::parallel_for(0, groups, 4, run);
-  } else {
-    run(0, groups);
   }
 }
 
@@ -83,7 +74,11 @@ at::Tensor expert_scores(const at::Tensor& x, const at::Tensor& A) {
               "expert_scores: x [T, D] and A [N, D] must be contiguous with the same D");
   const int64_t T = x.size(0), D = x.size(1), N = A.size(0);
   at::Tensor z = at::empty({T, N}, x.options());
-  expert_scores_into(x.data_ptr<float>(), A.data_ptr<float>(), z.data_ptr<float>(), T, D, N,
-                     /*threaded=*/true);
+  if (T == 0 || N == 0) return z;
+  const float *xp = x.data_ptr<float>(), *ap = A.data_ptr<float>();
+  float* zp = z.data_ptr<float>();
+  at::parallel_for(0, (N + 3) / 4, 4, [&](int64_t begin, int64_t end) {
+    expert_score_groups(xp, ap, zp, begin, end, T, D, N);
+  });
   return z;
 }
