@@ -163,9 +163,9 @@ class MoRALinear(nn.Module):
         (csrc/expert_layer.cpp: the same arithmetic as `_scores` + `_native_update`).
 
         No tensor op on the way: a decode step makes this call in every adapted layer, and
-        each op would release the GIL, which a server replica's other threads then hold
-        for a while (measured: a busy second Python thread made the pool's share of a
-        decode step several times larger)."""
+        each op would release the GIL, which a server replica's other threads may then
+        hold for a while (in-process, a busy second Python thread raised what the pool adds
+        to a decode step from 3-10 ms to 28-37 ms; README, Performance)."""
         plan = layout.extras.get("plan", _UNSET)
         if plan is _UNSET:
             plan = layout.extras["plan"] = _layer_plan(self._pool, layout, ctx)
