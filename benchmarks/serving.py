@@ -68,13 +68,15 @@ class Run:
     active_ranks: float | None = None
     # (empty pool, loaded pool) runs measured back to back, for the pool's row
     pairs: list[tuple[Run, Run]] | None = None
+    vs_empty: float | None = None  # this run over the empty-pool run of its own pair
 
 
 def median_pair_run(pairs: list[tuple[Run, Run]]) -> Run:
     """The loaded-pool run of the pair with the median pool/empty ratio (pairs kept)."""
-    ranked = sorted(pairs, key=lambda pair: pair[1].tokens_per_s / pair[0].tokens_per_s)
-    run = ranked[(len(ranked) - 1) // 2][1]
-    run.pairs = pairs
+    ratios = [loaded.tokens_per_s / empty.tokens_per_s for empty, loaded in pairs]
+    middle = sorted(range(len(pairs)), key=ratios.__getitem__)[(len(pairs) - 1) // 2]
+    run = pairs[middle][1]
+    run.pairs, run.vs_empty = pairs, ratios[middle]
     return run
 
 
@@ -148,13 +150,6 @@ def http_tps(
     return Run("", produced / elapsed, produced / requests, ranks / requests)
 
 
-def pair_ratio(run: Run) -> float:
-    """A loaded-pool run over the empty-pool run measured just before it."""
-    assert run.pairs is not None
-    empty = next(e for e, loaded in run.pairs if loaded is run)
-    return run.tokens_per_s / empty.tokens_per_s
-
-
 def table(runs: dict[str, Run], args, threads: int) -> str:
     # The faster of the runs before and after the server: the conservative reference.
     one = max(runs["one"].tokens_per_s, runs["one-after"].tokens_per_s)
@@ -185,8 +180,8 @@ def table(runs: dict[str, Run], args, threads: int) -> str:
             name, want, base = targets[key]
             ratio = run.tokens_per_s / base
             target = f">= {want}x {name}: {'met' if ratio >= want else 'NOT met'} ({ratio:.2f}x)"
-        if run.pairs is not None:
-            ratio = pair_ratio(run)
+        if run.pairs is not None and run.vs_empty is not None:
+            ratio = run.vs_empty
             vs_empty = f"{ratio:.2f}x"
             target = f">= 0.8x empty: {'met' if ratio >= 0.8 else 'NOT met'} ({ratio:.2f}x)"
             listed = ", ".join(
