@@ -13,7 +13,8 @@ model) at concurrency 1, 4, 32 and 16; then `--sets` random expert sets x 16 ran
 q/k/v/o are hot-loaded through POST /v1/experts and concurrency 16 runs again. That pair
 (empty pool, loaded pool, back to back) is measured `--cycles` times, the sets retired
 through DELETE /v1/experts between pairs (retired slots are reused, so every loaded run
-scores the same 160 slots per layer), and the pool's ratio is the median of the pairs'
+scores the same 160 slots per layer); alternate pairs run in the other order (loaded, then
+empty), and the pool's ratio is the median of the pairs'
 ratios: this machine's speed drifts by 20-30% within minutes, more than the pool costs,
 and pairs measured close together cancel most of that drift. Last, a server with the prefix
 cache off does the same (the prompts cycle through 8 chat questions, so with the cache later
@@ -164,8 +165,9 @@ def table(runs: dict[str, Run], args, threads: int) -> str:
         "each of its prompts sent once (a warm prefix cache), while `generate` prefills every "
         "prompt. Ratios are against `generate` on the float32 model and use the faster of its "
         "two runs. A pool row is the median of "
-        f"{args.cycles} (empty pool, loaded pool) pairs measured back to back (sets retired "
-        "between pairs); its ratio is against the empty-pool run of its own pair.",
+        f"{args.cycles} (empty pool, loaded pool) pairs measured back to back, alternate pairs "
+        "in the other order (sets hot-loaded or retired between a pair's runs); its ratio is "
+        "against the empty-pool run of its own pair.",
         "",
         "| run | tokens/s | tokens/request | active ranks/token | vs generate 1-at-a-time "
         "| vs static batch 16 | loaded / empty pool (pair) | target |",
@@ -286,24 +288,41 @@ def main() -> None:
             admin = {"Authorization": f"Bearer {token}"}
             suffix = "" if prefix_cache else ", prefix cache off"
             empty_key = plan[-1][0]  # the plan ends with the empty pool at concurrency 16
-            pairs: list[tuple[Run, Run]] = []
-            for cycle in range(args.cycles):
-                if cycle:  # retire every set (the pool is empty again), then measure
-                    for name in names:
+            label = f"server, concurrency 16, {args.sets} sets x {RANK} ranks{suffix}"
+
+            def set_pool(loaded: bool) -> None:
+                for name in names:
+                    if loaded:
+                        response = httpx.post(
+                            f"{base_url}/v1/experts",
+                            json={"path": name},
+                            headers=admin,
+                            timeout=120,
+                        )
+                    else:
                         response = httpx.delete(
                             f"{base_url}/v1/experts/{name}", headers=admin, timeout=120
                         )
-                        response.raise_for_status()
-                    empty = measure(f"server, concurrency 16{suffix} (again)", 16)
-                else:
-                    empty = measured[empty_key]
-                for name in names:
-                    response = httpx.post(
-                        f"{base_url}/v1/experts", json={"path": name}, headers=admin, timeout=120
-                    )
                     response.raise_for_status()
-                label = f"server, concurrency 16, {args.sets} sets x {RANK} ranks{suffix}"
-                pairs.append((empty, measure(label, 16)))
+
+            # Pairs alternate their order, (empty, loaded) then (loaded, empty): a drift in one
+            # direction biases alternate pairs oppositely instead of every pair alike, and the
+            # pool is loaded or retired once per pair.
+            pairs: list[tuple[Run, Run]] = []
+            for cycle in range(args.cycles):
+                if cycle % 2 == 0:
+                    empty = (
+                        measure(f"server, concurrency 16{suffix} (again)", 16)
+                        if cycle
+                        else measured[empty_key]
+                    )
+                    set_pool(loaded=True)
+                    pairs.append((empty, measure(label, 16)))
+                else:
+                    loaded_run = measure(label, 16)
+                    set_pool(loaded=False)
+                    empty = measure(f"server, concurrency 16{suffix} (again)", 16)
+                    pairs.append((empty, loaded_run))
             measured[pool_key] = median_pair_run(pairs)
         finally:
             launcher.stop()
