@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import logging
 import os
@@ -86,7 +85,7 @@ class _ReplicaBase:
         return result
 
     async def describe_pool(self) -> dict[str, Any]:
-        return {**self.replica.describe(), "activations": dict(self.activations)}
+        return {**self.replica.describe(), "activations": dict(self.replica.activations)}
 
 
 async def event_batches(
@@ -133,7 +132,6 @@ class LMServer(_ReplicaBase):
         # thread pool alive (mora_runtime/openmp.py).
         lm, pool = await asyncio.to_thread(in_fresh_thread, build)
         self.metrics = server_metrics()
-        self.activations: collections.Counter[str] = collections.Counter()
         self.engine = Engine(
             lm.model,
             eos_token_ids=lm.eos_token_ids,
@@ -201,7 +199,7 @@ class LMServer(_ReplicaBase):
                 event = batch[-1]
                 finished = event.finish_reason is not None
                 if finished and event.routing is not None:
-                    self.activations.update(event.routing.set_activations)
+                    self.replica.activations.update(event.routing.set_activations)
                 yield batch
         finally:
             if not finished:  # client went away (CancelledError) or the stream was closed
@@ -240,7 +238,6 @@ class ClipServer(_ReplicaBase):
             ),
         )
         self.base_labels = tuple(loaded.base_labels)
-        self.activations: collections.Counter[str] = collections.Counter()
         self.replica = ReplicaPool(pool, loaded.model, "clip", cfg.expert_store, self._exclusive)
         self._classify_batch.set_max_batch_size(cfg.clip.max_batch_size)
         self._classify_batch.set_batch_wait_timeout_s(cfg.clip.batch_wait_timeout_s)
@@ -284,7 +281,7 @@ class ClipServer(_ReplicaBase):
             threshold=getattr(mora, "threshold", None),
         )
         routing = out.routing
-        self.activations.update(routing.set_activations)
+        self.replica.activations.update(routing.set_activations)
         probabilities = out.logits.softmax(dim=-1).tolist()  # [images, labels], label order
         return ClassifyResult(
             labels=tuple(labels),

@@ -14,6 +14,7 @@ Requests in flight keep the snapshot they were admitted with (see `mora_runtime.
 from __future__ import annotations
 
 import asyncio
+import collections
 import io
 import logging
 import shutil
@@ -62,6 +63,8 @@ class ReplicaPool:
         self.exclusive = exclusive  # runs a mutation between two forward passes
         self.replica_id = uuid.uuid4().hex[:8]
         self._staged: dict[str, ExpertSet] = {}
+        # (token, layer, expert) activations per loaded set since it was (last) loaded
+        self.activations: collections.Counter[str] = collections.Counter()
         self._shapes = {
             p: (layer.in_features, layer.out_features) for p, layer in pool.layers.items()
         }
@@ -99,6 +102,9 @@ class ReplicaPool:
                     scale=meta.scale,
                     meta={"class_names": list(meta.class_names), "rank": meta.rank},
                 )
+                # A set loaded again under an old name starts from zero (requests admitted
+                # before a retire may still have counted the name since).
+                self.activations.pop(meta.name, None)
             if version is not None and version > self.pool.version:
                 self.pool.set_version(version)
 

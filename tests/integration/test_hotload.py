@@ -4,7 +4,8 @@ Properties: no request fails while a set is loaded under load, each request is s
 pool version (its text is that version's greedy text), every replica serves the committed
 pool afterwards, a failed load changes nothing anywhere, identical concurrent loads are one
 load, retiring everything gives back the base model's output, and a replica that starts
-later (after the registry itself restarted) serves the committed pool.
+later (after the registry itself restarted) serves the committed pool; a set loaded again
+counts its activations from zero.
 """
 
 from __future__ import annotations
@@ -246,6 +247,28 @@ def test_retire(server, base_texts, tiny_lm) -> None:
     after = greedy(server)  # nothing loaded any more: the base model's output again
     assert {p: text for p, (text, _) in after.items()} == base_texts
     assert {version for _, version in after.values()} == {state["version"]}
+
+
+def test_a_set_loaded_again_counts_its_activations_from_zero(server, tiny_lm) -> None:
+    save_random_set(tiny_lm.model, server.store_root / "cnt-a", "cnt-a", seed=7)
+
+    def count() -> int:
+        return next(s["activations"] for s in server.experts()["sets"] if s["name"] == "cnt-a")
+
+    assert server.load("cnt-a").status_code == 200
+    server.wait_converged()
+    body = server.complete(PROMPTS[0], 16)
+    assert "cnt-a" in [e["name"] for e in body["mora"]["expert_sets"]], body["mora"]
+    assert count() > 0
+    assert server.admin("DELETE", "/v1/experts/cnt-a").status_code == 200
+    server.wait_converged()
+    assert server.load("cnt-a").status_code == 200
+    server.wait_converged()
+    assert count() == 0  # the counts of the set's earlier load are gone
+    server.complete(PROMPTS[1], 16)
+    assert count() > 0
+    assert server.admin("DELETE", "/v1/experts/cnt-a").status_code == 200
+    server.wait_converged()
 
 
 def test_late_replica_serves_the_committed_pool(server, tiny_lm) -> None:
