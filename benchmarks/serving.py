@@ -11,12 +11,12 @@ twice: first with float32 weights (`lm.weights: float`, concurrency 1 and 16: wh
 engine alone gains), then with its default weights (`auto`: int4 for the bundled 4-bit
 model) at concurrency 1, 4, 32 and 16; then `--sets` random expert sets x 16 ranks on
 q/k/v/o are hot-loaded through POST /v1/experts and concurrency 16 runs again. That pair
-(empty pool, loaded pool, back to back) is measured `--cycles` times, the sets retired
-through DELETE /v1/experts between pairs (retired slots are reused, so every loaded run
-scores the same 160 slots per layer); alternate pairs run in the other order (loaded, then
-empty), and the pool's ratio is the median of the pairs'
-ratios: this machine's speed drifts by 20-30% within minutes, more than the pool costs,
-and pairs measured close together cancel most of that drift. Last, a server with the prefix
+(empty pool, loaded pool, back to back) is measured `--cycles` times, alternate pairs in the
+other order (loaded, then the sets retired through DELETE /v1/experts, then empty; retired
+slots are reused, so every loaded run scores the same 160 slots per layer), and the pool's
+ratio is the median of the pairs' ratios: this machine's speed drifts by 20-30% within
+minutes, more than the pool costs, and pairs measured close together cancel most of that
+drift. Last, a server with the prefix
 cache off does the same (the prompts cycle through 8 chat questions, so with the cache later
 requests reuse their whole question's blocks, and every request the chat template's first
 block).
