@@ -182,7 +182,7 @@ def table(runs: dict[str, Run], args, threads: int) -> str:
             name, want, base = targets[key]
             ratio = run.tokens_per_s / base
             target = f">= {want}x {name}: {'met' if ratio >= want else 'NOT met'} ({ratio:.2f}x)"
-        if run.pairs is not None and run.vs_empty is not None:
+        if run.pairs is not None and run.vs_empty is not None:  # set together
             ratio = run.vs_empty
             vs_empty = f"{ratio:.2f}x"
             target = f">= 0.8x empty: {'met' if ratio >= 0.8 else 'NOT met'} ({ratio:.2f}x)"
@@ -289,6 +289,7 @@ def main() -> None:
             suffix = "" if prefix_cache else ", prefix cache off"
             empty_key = plan[-1][0]  # the plan ends with the empty pool at concurrency 16
             label = f"server, concurrency 16, {args.sets} sets x {RANK} ranks{suffix}"
+            empty_label = f"server, concurrency 16{suffix} (again)"
 
             def set_pool(loaded: bool) -> None:
                 for name in names:
@@ -311,18 +312,13 @@ def main() -> None:
             pairs: list[tuple[Run, Run]] = []
             for cycle in range(args.cycles):
                 if cycle % 2 == 0:
-                    empty = (
-                        measure(f"server, concurrency 16{suffix} (again)", 16)
-                        if cycle
-                        else measured[empty_key]
-                    )
+                    empty = measure(empty_label, 16) if cycle else measured[empty_key]
                     set_pool(loaded=True)
                     pairs.append((empty, measure(label, 16)))
                 else:
                     loaded_run = measure(label, 16)
                     set_pool(loaded=False)
-                    empty = measure(f"server, concurrency 16{suffix} (again)", 16)
-                    pairs.append((empty, loaded_run))
+                    pairs.append((measure(empty_label, 16), loaded_run))
             measured[pool_key] = median_pair_run(pairs)
         finally:
             launcher.stop()

@@ -102,8 +102,9 @@ class ReplicaPool:
                     scale=meta.scale,
                     meta={"class_names": list(meta.class_names), "rank": meta.rank},
                 )
-                # A set loaded again under an old name starts from zero (requests admitted
-                # before a retire may still have counted the name since).
+                # A set loaded again under an old name starts from zero; what requests
+                # admitted before its retire counted after it is dropped here too (one that
+                # outlives the retire and this load adds its counts to the new load).
                 self.activations.pop(meta.name, None)
             if version is not None and version > self.pool.version:
                 self.pool.set_version(version)

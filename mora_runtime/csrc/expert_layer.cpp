@@ -27,6 +27,7 @@ extern "C" {
 #include "mora_route.h"
 }
 
+int64_t expert_score_group_count(int64_t N);
 void expert_score_groups(const float* x, const float* a, float* z, int64_t g_begin,
                          int64_t g_end, int64_t T, int64_t D, int64_t N);
 
@@ -178,7 +179,7 @@ class ExpertLayerPlan {
       const float* xp = x.data_ptr<float>();
       const float* ap = A.data_ptr<float>();
       float* zp = z.data_ptr<float>();
-      const int64_t groups = (N + 3) / 4;
+      const int64_t groups = expert_score_group_count(N);
       const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), groups));
       // One parallel region for both phases of a decode step: the keys split over the
       // threads, a barrier (every token needs every key's score), then the tokens: the

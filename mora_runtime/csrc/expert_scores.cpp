@@ -50,6 +50,9 @@ void key_tile(const float* x, const float* a, float* z, int64_t n0, int64_t T, i
 
 }  // namespace
 
+// Groups of 4 keys (the last may be short) that z [T, N] = x A^T is computed in.
+int64_t expert_score_group_count(int64_t N) { return (N + 3) / 4; }
+
 // Key groups [g_begin, g_end) of 4 keys each (the last may be short) of z [T, N] = x A^T,
 // on the calling thread (expert_layer.cpp splits groups over the threads of its own region).
 void expert_score_groups(const float* xp, const float* ap, float* zp, int64_t g_begin,
@@ -77,7 +80,7 @@ at::Tensor expert_scores(const at::Tensor& x, const at::Tensor& A) {
   if (T == 0 || N == 0) return z;
   const float *xp = x.data_ptr<float>(), *ap = A.data_ptr<float>();
   float* zp = z.data_ptr<float>();
-  at::parallel_for(0, (N + 3) / 4, 4, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, expert_score_group_count(N), 4, [&](int64_t begin, int64_t end) {
     expert_score_groups(xp, ap, zp, begin, end, T, D, N);
   });
   return z;
