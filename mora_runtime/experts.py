@@ -1,6 +1,6 @@
 """MoRA routing and the rank-1 expert delta of one adapted linear layer.
 
-Semantics (MORA_SPEC.md, per token x):
+Semantics (docs/spec.md, per token x):
     z = A x;  s = z / ||z||;  keep the k_eff = min(max(k, 2), N) largest signed s;
     w = softmax(s_kept / tau);  w_i *= [s_i >= delta] (inference only, no renormalising);
     delta_y = scale * sum_i w_i * z_i * b_i.

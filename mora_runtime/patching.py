@@ -23,7 +23,7 @@ from .experts import apply_values, route
 from .pool import ExpertPool, PoolSnapshot, RoutingConfig
 from .quantize import QuantizedLinear
 
-# Module-name suffixes adapted by default, per model family (MORA_SPEC.md settings).
+# Module-name suffixes adapted by default, per model family (docs/spec.md settings).
 TARGET_PRESETS: dict[str, tuple[str, ...]] = {
     "llama": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "llama-mlp": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
@@ -87,7 +87,7 @@ def module_kind(path: str) -> str:
 
 
 class MoRALinear(nn.Module):
-    """y = base_layer(x) + the MoRA delta of this layer's experts (MORA_SPEC.md step 6)."""
+    """y = base_layer(x) + the MoRA delta of this layer's experts (docs/spec.md step 6)."""
 
     def __init__(self, base_layer: nn.Module, pool: ExpertPool, path: str) -> None:
         super().__init__()

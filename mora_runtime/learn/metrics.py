@@ -1,4 +1,4 @@
-"""Continual-learning metrics of an accuracy matrix (MORA_SPEC.md definitions).
+"""Continual-learning metrics of an accuracy matrix (docs/spec.md definitions).
 
 `R[i][j]` is the accuracy (in points, 0-100) on task j after learning tasks 0..i, for T tasks
 learned in order (a T x T matrix):

@@ -1,4 +1,4 @@
-"""Task losses (MORA_SPEC.md): what one training step of a task computes.
+"""Task losses (docs/spec.md): what one training step of a task computes.
 
 - Causal LM: next-token cross-entropy on the completion tokens only (plus one end-of-sequence
   token, so the model learns where an answer stops); the prompt is tokenised exactly as the

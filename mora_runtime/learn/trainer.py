@@ -1,4 +1,4 @@
-"""Learn one task as a new expert set beside a frozen pool (MORA_SPEC.md "Continual learning").
+"""Learn one task as a new expert set beside a frozen pool (docs/spec.md "Continual learning").
 
 Per task: `r` new rank-1 experts per adapted module (keys kaiming-uniform with a = sqrt(5),
 values zero), attached to the pool with `ExpertPool.attach_trainable` so they share the
@@ -46,7 +46,7 @@ Experts = dict[str, tuple[Tensor, Tensor]]  # module path -> (A [r, D], B [r, O]
 
 @dataclass(frozen=True)
 class LearnConfig:
-    """Hyper-parameters of one task (defaults: MORA_SPEC.md's LLM settings)."""
+    """Hyper-parameters of one task (defaults: docs/spec.md's LLM settings)."""
 
     rank: int = 8
     top_k: int = 8
@@ -78,7 +78,7 @@ class LearnConfig:
 
 
 LM_DEFAULTS = LearnConfig()
-# CLIP (ViT) settings of MORA_SPEC.md; scale 1 like the default CLIP's serving config.
+# CLIP (ViT) settings of docs/spec.md; scale 1 like the default CLIP's serving config.
 CLIP_DEFAULTS = LearnConfig(rank=16, top_k=16, tau=0.01, threshold=0.2, batch_size=64)
 
 

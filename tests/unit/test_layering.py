@@ -1,4 +1,4 @@
-"""The dependency direction of DESIGN.md: serving -> mora_runtime, never the reverse."""
+"""The dependency direction of docs/architecture.md: serving -> mora_runtime, never the reverse."""
 
 from __future__ import annotations
 

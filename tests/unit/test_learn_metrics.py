@@ -1,4 +1,4 @@
-"""Continual-learning metrics on hand-made accuracy matrices (MORA_SPEC.md definitions)."""
+"""Continual-learning metrics on hand-made accuracy matrices (docs/spec.md definitions)."""
 
 from __future__ import annotations
 
