@@ -33,6 +33,13 @@ FLOAT_DTYPES: Mapping[str, torch.dtype] = {
 # Names end up in metric labels, log lines and paths: keep them boring.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MODULE_PATH_PATTERN = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
+# Bounds of the numeric metadata fields. Every float must also be finite in float32 (the
+# widest dtype a replica computes in); the scale bound keeps it finite in float16 too.
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+MAX_INT_FIELD = 1 << 16  # rank and top_k; StoreLimits.max_rank may bound rank further
+MAX_MODULE_DIM = 1 << 24  # D and O of one adapted layer
+MAX_ABS_SCALE = 1e4  # a LoRA's alpha / r is orders of magnitude below this
+TAU_RANGE = (1e-6, 1e3)  # a softmax temperature over unit-norm scores
 # Elements of each weight that enter the fingerprint hash: enough to tell two checkpoints of
 # one architecture apart, cheap enough to hash a 135M model in well under 50 ms.
 _FINGERPRINT_SAMPLE = 64
@@ -115,23 +122,33 @@ def _fail(message: str) -> NoReturn:
     raise MalformedMetadataError(f"{METADATA_FILE}: {message}")
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
+def _check_int(name: str, value: Any, minimum: int, maximum: int = MAX_INT_FIELD) -> int:
     # bool is an int subclass; `"rank": true` is a mistake, not a rank of 1.
     if isinstance(value, bool) or not isinstance(value, int):
         _fail(f"field {name!r} must be an integer, got {type(value).__name__}")
-    if value < minimum:
-        _fail(f"field {name!r} must be >= {minimum}, got {value}")
+    if not minimum <= value <= maximum:
+        _fail(f"field {name!r} must be in [{minimum}, {maximum}], got {value}")
     return value
 
 
 def _check_float(
     name: str, value: Any, low: float, high: float, *, open_low: bool = False
 ) -> float:
+    """A number in [low, high] (or (low, high]) that float32 holds as a finite value.
+
+    JSON numbers are doubles, but replicas compute in float32 or narrower: a value such as
+    1e300 is finite here and infinite (or an overflow error) once a replica stores it.
+    """
     if isinstance(value, bool) or not isinstance(value, int | float):
         _fail(f"field {name!r} must be a number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value > high or value < low or (open_low and value == low):
-        _fail(f"field {name!r} = {value} is out of range")
+    try:
+        value = float(value)
+    except OverflowError:  # an integer too large for a double
+        _fail(f"field {name!r} is out of range")
+    bad = not math.isfinite(value) or value > high or value < low or (open_low and value == low)
+    if bad or abs(value) > FLOAT32_MAX:
+        bracket = "(" if open_low else "["
+        _fail(f"field {name!r} = {value} is out of range {bracket}{low}, {high}]")
     return value
 
 
@@ -147,8 +164,14 @@ def _check_fingerprint(fp: Any) -> dict[str, Any]:
     clean: dict[str, list[int]] = {}
     for path, shape in modules.items():
         ok = isinstance(shape, list | tuple) and len(shape) == 2
-        if not ok or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in shape):
-            _fail(f"base_model.modules[{path!r}] must be [D, O] positive integers, got {shape!r}")
+        if not ok or any(
+            isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_MODULE_DIM
+            for v in shape
+        ):
+            _fail(
+                f"base_model.modules[{path!r}] must be [D, O] integers in [1, {MAX_MODULE_DIM}], "
+                f"got {shape!r}"
+            )
         clean[path] = [int(shape[0]), int(shape[1])]
     return {**fp, "modules": clean}
 
@@ -192,10 +215,10 @@ class ExpertSetMeta:
         _check_int("rank", self.rank, 1)
         _check_int("top_k", self.top_k, 1)
         _check_int("format_version", self.format_version, 1)
-        put(self, "tau", _check_float("tau", self.tau, 0.0, math.inf, open_low=True))
+        put(self, "tau", _check_float("tau", self.tau, *TAU_RANGE))
         # s is a unit-norm score in [-1, 1]; -1 disables pruning.
         put(self, "threshold", _check_float("threshold", self.threshold, -1.0, 1.0))
-        put(self, "scale", _check_float("scale", self.scale, -math.inf, math.inf))
+        put(self, "scale", _check_float("scale", self.scale, -MAX_ABS_SCALE, MAX_ABS_SCALE))
         names = self.class_names
         if isinstance(names, str) or not isinstance(names, list | tuple):
             _fail("class_names must be a list of strings")
@@ -271,6 +294,25 @@ class ExpertSet:
     @property
     def name(self) -> str:
         return self.meta.name
+
+
+def _check_finite(name: str, tensor: Tensor, where: str, dtype: torch.dtype | None) -> None:
+    """NaN or Inf refused, in the tensor as stored and as cast to `dtype` (what a replica
+    computes with): a float64 1e300 is finite on disk and infinite in float32."""
+    if not bool(torch.isfinite(tensor).all()):
+        nans, infs = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+        raise NonFiniteError(f"{where}: tensor {name!r} has {nans} NaN and {infs} Inf values")
+    if dtype is not None and dtype != tensor.dtype:
+        cast = tensor.to(dtype)
+        if not bool(torch.isfinite(cast).all()):
+            overflow = int((~torch.isfinite(cast)).sum())
+            raise NonFiniteError(
+                f"{where}: tensor {name!r} has {overflow} value(s) that overflow {dtype}"
+            )
+
+
+# Every replica computes in float32 or narrower, so a set must at least fit float32.
+DEFAULT_SERVING_DTYPE = torch.float32
 
 
 def _weight_sample(weight: Tensor) -> bytes:

@@ -31,6 +31,7 @@ from torch import Tensor
 from mora_runtime.expert_set import (  # noqa: F401
     _FINGERPRINT_SAMPLE,
     _JSON_FIELDS,
+    DEFAULT_SERVING_DTYPE,
     FLOAT_DTYPES,
     FORMAT,
     FORMAT_VERSION,
@@ -60,6 +61,7 @@ from mora_runtime.expert_set import (  # noqa: F401
     UnsafeFileError,
     UnsupportedFormatError,
     _check_fingerprint,
+    _check_finite,
     _check_float,
     _check_int,
     _fail,
@@ -98,16 +100,12 @@ def _check_tensor_header(
                 )
 
 
-def _check_finite(name: str, tensor: Tensor, where: str) -> None:
-    if not bool(torch.isfinite(tensor).all()):
-        nans, infs = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
-        raise NonFiniteError(f"{where}: tensor {name!r} has {nans} NaN and {infs} Inf values")
-
-
 _DTYPE_NAMES = {dtype: name for name, dtype in FLOAT_DTYPES.items()}
 
 
-def validate_expert_set(expert_set: ExpertSet) -> None:
+def validate_expert_set(
+    expert_set: ExpertSet, *, serving_dtype: torch.dtype | None = DEFAULT_SERVING_DTYPE
+) -> None:
     """Check an in-memory set the way load_expert_set checks a file (used before saving)."""
     header: dict[str, tuple[tuple[int, ...], str]] = {}
     for module, (a, b) in expert_set.tensors.items():
@@ -115,8 +113,9 @@ def validate_expert_set(expert_set: ExpertSet) -> None:
             header[f"{module}.{side}"] = (tuple(t.shape), _DTYPE_NAMES.get(t.dtype, str(t.dtype)))
     _check_tensor_header(expert_set.meta, header, f"expert set {expert_set.name!r}")
     for module, (a, b) in expert_set.tensors.items():
-        _check_finite(f"{module}.A", a, f"expert set {expert_set.name!r}")
-        _check_finite(f"{module}.B", b, f"expert set {expert_set.name!r}")
+        where = f"expert set {expert_set.name!r}"
+        _check_finite(f"{module}.A", a, where, serving_dtype)
+        _check_finite(f"{module}.B", b, where, serving_dtype)
 
 
 def validate_against_model(expert_set: ExpertSet, modules: ModuleShapes) -> None:
@@ -310,7 +309,18 @@ def read_metadata(
     """Validate the directory and read only the JSON (cheap: no tensor is touched)."""
     directory = Path(directory)
     _check_directory(directory, Path(store_root) if store_root is not None else None)
-    return _read_meta(directory, limits)
+    meta = _read_meta(directory, limits)
+    _check_limits(meta, directory, limits)
+    return meta
+
+
+def _check_limits(meta: ExpertSetMeta, directory: Path, limits: StoreLimits) -> None:
+    if meta.rank > limits.max_rank:
+        raise LimitError(f"{directory}: rank {meta.rank} exceeds the limit {limits.max_rank}")
+    if 2 * len(meta.target_modules) > limits.max_tensors:
+        raise LimitError(
+            f"{directory}: {2 * len(meta.target_modules)} tensors exceed {limits.max_tensors}"
+        )
 
 
 def load_expert_set(
@@ -320,8 +330,12 @@ def load_expert_set(
     expected_kind: str | None = None,
     store_root: str | os.PathLike[str] | None = None,
     limits: StoreLimits = DEFAULT_LIMITS,
+    serving_dtype: torch.dtype | None = DEFAULT_SERVING_DTYPE,
 ) -> ExpertSet:
     """Read and fully validate an expert set; raises an ExpertSetError subclass on any fault.
+
+    Tensors must be finite both as stored and cast to `serving_dtype` (the dtype of the pool
+    that will hold them).
 
     `expected_fingerprint` is the serving model's `base_fingerprint` over the set's modules
     (`meta.base_model["modules"]`); since those are known only after the JSON is read, it may
@@ -335,12 +349,7 @@ def load_expert_set(
             f"{directory}: set {meta.name!r} is for a {meta.model_kind!r} model, "
             f"this model is {expected_kind!r}"
         )
-    if meta.rank > limits.max_rank:
-        raise LimitError(f"{directory}: rank {meta.rank} exceeds the limit {limits.max_rank}")
-    if 2 * len(meta.target_modules) > limits.max_tensors:
-        raise LimitError(
-            f"{directory}: {2 * len(meta.target_modules)} tensors exceed {limits.max_tensors}"
-        )
+    _check_limits(meta, directory, limits)
     if expected_fingerprint is not None:
         expected = (
             expected_fingerprint(meta) if callable(expected_fingerprint) else expected_fingerprint
@@ -350,13 +359,13 @@ def load_expert_set(
             raise FingerprintMismatchError(
                 f"{directory}: set {meta.name!r} was made for another base model: {difference}"
             )
-    tensors = _read_tensors(directory / TENSORS_FILE, meta, limits)
+    tensors = _read_tensors(directory / TENSORS_FILE, meta, limits, serving_dtype)
     logger.info("loaded expert set %r (%d modules) from %s", meta.name, len(tensors), directory)
     return ExpertSet(meta=meta, tensors=tensors)
 
 
 def _read_tensors(
-    path: Path, meta: ExpertSetMeta, limits: StoreLimits
+    path: Path, meta: ExpertSetMeta, limits: StoreLimits, serving_dtype: torch.dtype | None
 ) -> dict[str, tuple[Tensor, Tensor]]:
     size = _regular_file_size(path)
     if size > limits.max_file_bytes:
@@ -377,5 +386,5 @@ def _read_tensors(
     except SafetensorError as e:
         raise MalformedTensorFileError(f"{path}: not a valid safetensors file: {e}") from None
     for name, tensor in flat.items():
-        _check_finite(name, tensor, str(path))
+        _check_finite(name, tensor, str(path), serving_dtype)
     return {m: (flat[f"{m}.A"], flat[f"{m}.B"]) for m in meta.target_modules}

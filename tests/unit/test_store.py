@@ -567,6 +567,20 @@ def test_pickle_file_is_refused_and_never_opened(
         ("target_modules", ["model..x"], "dotted"),
         ("training", [1], "training"),
         ("base_model", {"architecture": "X"}, "base_model"),
+        # Finite as a JSON double, not as what a replica stores: refused before any replica.
+        ("scale", 1e300, "scale"),
+        ("scale", -1e39, "scale"),
+        ("scale", 1e5, "scale"),
+        ("scale", "NaN", "scale"),
+        pytest.param("scale", 10**400, "scale", id="scale-int-beyond-double"),
+        ("tau", -0.5, "tau"),
+        ("tau", 1e-300, "tau"),
+        ("tau", 1e300, "tau"),
+        ("tau", "nan", "tau"),
+        ("top_k", 0, "top_k"),
+        ("top_k", 10**9, "top_k"),
+        ("rank", 10**9, "rank"),
+        ("threshold", float("nan"), "threshold"),
     ],
 )
 def test_bad_metadata_field_is_rejected(
@@ -625,3 +639,50 @@ def test_resolve_in_store(tmp_path: Path, relative: str, ok: bool) -> None:
     else:
         with pytest.raises(PathEscapeError):
             store.resolve_in_store(root, relative)
+
+
+def test_huge_module_dims_are_rejected(good: tuple[ExpertSet, Path]) -> None:
+    data = good[0].meta.to_json_dict()
+    data["base_model"]["modules"][Q0] = [10**12, 64]
+    with pytest.raises(MalformedMetadataError, match=r"\[D, O\]"):
+        ExpertSetMeta.from_json_dict(data)
+
+
+def test_extreme_but_servable_fields_are_accepted(good: tuple[ExpertSet, Path]) -> None:
+    data = good[0].meta.to_json_dict()
+    data.update(scale=-1e4, tau=1e-6, top_k=1, threshold=-1.0, rank=RANK)
+    meta = ExpertSetMeta.from_json_dict(data)
+    assert (meta.scale, meta.tau, meta.threshold) == (-1e4, 1e-6, -1.0)
+
+
+def test_tensor_that_overflows_the_serving_dtype_is_rejected(
+    good: tuple[ExpertSet, Path],
+) -> None:
+    directory = good[1]
+    # Finite in float64 as stored, infinite once a float32 replica casts it.
+    edit_tensors(directory, lambda ts: ts.update({f"{Q0}.A": ts[f"{Q0}.A"].double() * 1e300}))
+    with pytest.raises(NonFiniteError, match=r"overflow torch\.float32"):
+        store.load_expert_set(directory)
+    assert store.load_expert_set(directory, serving_dtype=None).meta == good[0].meta
+
+
+def test_serving_dtype_narrower_than_float32_is_checked(good: tuple[ExpertSet, Path]) -> None:
+    directory = good[1]
+    edit_tensors(directory, _poison(f"{Q0}.B", 1e5))  # fits float32, not float16
+    store.load_expert_set(directory)
+    with pytest.raises(NonFiniteError, match=r"overflow torch\.float16"):
+        store.load_expert_set(directory, serving_dtype=torch.float16)
+
+
+def test_save_refuses_tensors_that_overflow_float32(model: torch.nn.Module, tmp_path: Path) -> None:
+    expert_set = make_set(model)
+    a, b = expert_set.tensors[Q0]
+    tensors = {**expert_set.tensors, Q0: (a.double() * 1e300, b)}
+    with pytest.raises(NonFiniteError, match="overflow"):
+        store.save_expert_set(ExpertSet(expert_set.meta, tensors), tmp_path / "s")
+    assert not (tmp_path / "s").exists()
+
+
+def test_read_metadata_applies_the_limits(good: tuple[ExpertSet, Path]) -> None:
+    with pytest.raises(LimitError, match="rank"):
+        store.read_metadata(good[1], limits=StoreLimits(max_rank=2))
