@@ -123,6 +123,15 @@ class Overloaded(ApiError):
         super().__init__(message, **kwargs)
 
 
+class ServiceUnavailable(Overloaded):
+    """The model replica serving the request went away (crashed, killed, node lost).
+
+    Retryable: another replica, or a restarted one, can take the request.
+    """
+
+    default_code = "server_unavailable"
+
+
 class RequestTimeout(ApiError):
     """The engine did not finish within the server's request timeout.
 

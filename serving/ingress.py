@@ -7,13 +7,19 @@ app detokenises about twice per streamed token), so only token ids cross to the 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
-from ray.serve.exceptions import BackPressureError
+from ray.exceptions import NodeDiedError, RayActorError, RayTaskError, WorkerCrashedError
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+)
 
 from mora_runtime.engine import TokenEvent
 from mora_runtime.sampling import SamplingParams
@@ -21,7 +27,7 @@ from mora_runtime.sampling import SamplingParams
 from .api import ApiSettings, create_app
 from .backend import ClassifyResult, MoraOverrides
 from .config import ServerConfig
-from .errors import BadRequest, Overloaded
+from .errors import BadRequest, Overloaded, ServiceUnavailable
 from .hotload import HotLoadCoordinator
 from .metrics import RayMetricsHook
 from .registry import registry_actor
@@ -29,6 +35,31 @@ from .registry import registry_actor
 logger = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1
+# A call whose replica died before answering anything is sent again (Serve routes it to a
+# live replica); a short, growing pause lets Serve learn of the death first.
+REPLICA_RETRIES = 2
+REPLICA_RETRY_WAIT_S = 0.2
+_LOST = (
+    RayActorError,  # ActorDiedError, ActorUnavailableError
+    ReplicaUnavailableError,
+    DeploymentUnavailableError,
+    WorkerCrashedError,
+    NodeDiedError,
+)
+
+
+def replica_lost(exc: BaseException) -> bool:
+    """Whether `exc` says the replica (not the request) failed: safe to send elsewhere."""
+    if isinstance(exc, _LOST):
+        return True
+    return isinstance(exc, RayTaskError) and isinstance(getattr(exc, "cause", None), _LOST)
+
+
+def lost_error(what: str) -> ServiceUnavailable:
+    return ServiceUnavailable(
+        f"The {what} replica serving this request went away; retry shortly.",
+        retry_after=RETRY_AFTER_S,
+    )
 
 
 class RayLMBackend:
@@ -48,6 +79,28 @@ class RayLMBackend:
 
     async def generate(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, *, stream: bool
+    ) -> AsyncIterator[TokenEvent]:
+        """Retries on another replica while the call has answered nothing; once an item came
+        back a lost replica ends the request with a retryable 503 (an SSE error event when
+        streaming), since the client may already hold part of the output."""
+        for attempt in range(REPLICA_RETRIES + 1):
+            started = False
+            try:
+                async for event in self._generate_once(request_id, prompt_ids, params, stream):
+                    started = True
+                    yield event
+                return
+            except Exception as exc:
+                if not replica_lost(exc):
+                    raise
+                if started or attempt == REPLICA_RETRIES:
+                    logger.warning("%s: LM replica lost (%s)", request_id, type(exc).__name__)
+                    raise lost_error("model") from None
+                logger.info("%s: LM replica lost before answering, retrying", request_id)
+                await asyncio.sleep(REPLICA_RETRY_WAIT_S * (attempt + 1))
+
+    async def _generate_once(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, stream: bool
     ) -> AsyncIterator[TokenEvent]:
         # Items are lists of events (LMServer.generate batches them) or one error dict.
         items = self.handle.generate.remote(request_id, prompt_ids, params, stream)
@@ -84,10 +137,19 @@ class RayClipBackend:
     async def classify(
         self, images: list, labels: list[str] | None, mora: MoraOverrides | None
     ) -> ClassifyResult:
-        try:
-            return await self.handle.classify.remote(images, labels, mora)
-        except BackPressureError as exc:
-            raise Overloaded(f"the CLIP model is at capacity ({exc})", retry_after=1) from None
+        # Classification has no partial output: every attempt may be retried.
+        for attempt in range(REPLICA_RETRIES + 1):
+            try:
+                return await self.handle.classify.remote(images, labels, mora)
+            except BackPressureError as exc:
+                raise Overloaded(f"the CLIP model is at capacity ({exc})", retry_after=1) from None
+            except Exception as exc:
+                if not replica_lost(exc):
+                    raise
+                logger.info("CLIP replica lost (%s), attempt %d", type(exc).__name__, attempt)
+            if attempt < REPLICA_RETRIES:
+                await asyncio.sleep(REPLICA_RETRY_WAIT_S * (attempt + 1))
+        raise lost_error("CLIP")
 
 
 def api_settings(cfg: ServerConfig) -> ApiSettings:
