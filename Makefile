@@ -5,7 +5,8 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-export MORA_CACHE ?= $(CURDIR)/.cache/mora
+# Models and kernels go to .cache/mora (mora_runtime/paths.py's default in a checkout, so
+# `mora` run by hand finds what make prepared; $MORA_CACHE overrides both).
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1

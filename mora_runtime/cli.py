@@ -11,6 +11,7 @@ import argparse
 import importlib
 import importlib.util
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mora_runtime.learn import cli as learn_cli
-from mora_runtime.paths import default_clip_dir, default_lm_dir
+from mora_runtime.paths import CACHE_ENV, default_clip_dir, default_lm_dir
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +158,23 @@ def _cmd_models_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_models_path(args: argparse.Namespace) -> int:
-    print(default_lm_dir() if args.which == "lm" else default_clip_dir())
+    if args.which == "lm":
+        from mora_runtime.lm import default_lm_is_prepared as is_prepared
+
+        directory = default_lm_dir()
+    else:
+        from mora_runtime.clip_default import default_clip_is_prepared as is_prepared
+
+        directory = default_clip_dir()
+    if not is_prepared():
+        # A path that does not exist would only fail later, somewhere less clear.
+        source = f" (cache from ${CACHE_ENV})" if os.environ.get(CACHE_ENV, "").strip() else ""
+        label = "LM" if args.which == "lm" else "CLIP"
+        raise CLIError(
+            f"the default {label} is not prepared at {directory}{source}; "
+            "run `mora models prepare` (or `make models`) first"
+        )
+    print(directory)
     return 0
 
 
@@ -178,7 +195,9 @@ def _register_import_peft(subparsers: Any) -> None:
     parser.add_argument(
         "--out", required=True, type=Path, metavar="DIR", help="expert-set directory to write"
     )
-    parser.add_argument("--name", required=True, help="name of the new expert set")
+    parser.add_argument(
+        "--name", help="name of the new expert set (default: the name of the --out directory)"
+    )
     parser.add_argument(
         "--base",
         type=Path,
@@ -216,6 +235,12 @@ def _positive_float(text: str) -> float:
 
 
 def _cmd_import_peft(args: argparse.Namespace) -> int:
+    from mora_runtime.store import NAME_PATTERN
+
+    name = args.name or args.out.resolve().name
+    if not NAME_PATTERN.fullmatch(name):
+        source = "--name" if args.name else "the --out directory's name (pass --name)"
+        raise CLIError(f"{source} {name!r} must match {NAME_PATTERN.pattern}")
     if not args.adapter_dir.is_dir():
         raise CLIError(f"adapter directory {args.adapter_dir} does not exist")
     if args.base is not None and not args.base.is_dir():
@@ -238,12 +263,12 @@ def _cmd_import_peft(args: argparse.Namespace) -> int:
     out = peft_import.convert_peft_adapter(
         args.adapter_dir,
         args.out,
-        name=args.name,
+        name=name,
         model_kind=args.kind,
         base_model=_load_base(args.base, args.kind),
         **options,
     )
-    print(f"expert set '{args.name}' written to {out}")
+    print(f"expert set '{name}' written to {out}")
     return 0
 
 

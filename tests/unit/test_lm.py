@@ -52,6 +52,7 @@ def test_cache_dir_follows_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
 def test_cache_dir_defaults_to_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("MORA_CACHE", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(paths, "checkout_root", lambda: None)  # an installed package
     assert paths.cache_dir() == tmp_path / ".cache" / "mora-serve"
 
 
@@ -258,6 +259,11 @@ def test_models_path_prints_the_cache_dir(
     expected: str,
 ) -> None:
     monkeypatch.setenv("MORA_CACHE", str(tmp_path))
+    # Only a prepared model's path is printed (an unprepared one: tests/unit/test_cli_runtime.py).
+    import mora_runtime.clip_default as clip_default
+
+    monkeypatch.setattr(lm_module, "default_lm_is_prepared", lambda: True)
+    monkeypatch.setattr(clip_default, "default_clip_is_prepared", lambda: True)
     assert mora_main(["models", "path", which]) == 0
     printed = Path(capsys.readouterr().out.strip())
     assert printed == getattr(paths, expected)()
