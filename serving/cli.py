@@ -1,4 +1,4 @@
-"""The `mora` console script: the runtime commands plus `serve`.
+"""The `mora` console script: the runtime commands plus `serve` and `experts`.
 
 Dependency direction: this module imports `mora_runtime.cli` and extends its parser; the
 runtime never imports `serving`.
@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from mora_runtime.cli import CLIError, build_parser, prepare_models, run
+
+from . import experts_cli
 
 
 def register(subparsers: Any) -> None:
@@ -44,7 +46,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `mora` console script."""
-    return run(build_parser(extra=(register,)), argv)
+    return run(build_parser(extra=(register, experts_cli.register)), argv)
 
 
 if __name__ == "__main__":

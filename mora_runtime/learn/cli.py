@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,11 @@ def _add_hyperparameters(parser: argparse.ArgumentParser, *, defaults_note: str)
     group.add_argument("--steps", type=_positive_int, help="optimiser steps per task")
     group.add_argument("--lr", type=_positive_float, help="AdamW learning rate")
     group.add_argument("--batch-size", type=_positive_int, help="examples per step")
-    group.add_argument("--seed", type=int, help="seed of initialisation and batch order")
+    group.add_argument(
+        "--seed",
+        type=int,
+        help="seed of initialisation and batch order (give the same one to repeat a run)",
+    )
     group.add_argument(
         "--threads",
         type=_positive_int,
@@ -103,7 +108,8 @@ def _register_learn(subparsers: Any) -> None:
     _add_hyperparameters(
         parser,
         defaults_note="LM: r=k=8, tau=0.03; CLIP: r=k=16, tau=0.01, batch 64; "
-        "both: threshold 0.2, scale 1, 200 steps, lr 5e-4, seed 0",
+        "both: threshold 0.2, scale 1, 200 steps, lr 5e-4, a fresh random seed per run, "
+        "recorded in the set's training summary",
     )
     parser.set_defaults(handler=_cmd_learn)
 
@@ -117,7 +123,8 @@ def _cmd_learn(args: argparse.Namespace) -> int:
         raise ValueError(f"--name {args.name!r} must match {NAME_PATTERN.pattern}")
     if not args.data.exists():
         raise FileNotFoundError(f"--data {args.data} does not exist")
-    cfg = defaults_for(args.kind).with_overrides(**_overrides(args))
+    seed = draw_seed() if args.seed is None else args.seed
+    cfg = defaults_for(args.kind).with_overrides(**{**_overrides(args), "seed": seed})
     out = args.out or Path(os.environ.get(STORE_ENV) or DEFAULT_STORE) / args.name
     result = learn_from_files(
         args.kind,
@@ -135,9 +142,19 @@ def _cmd_learn(args: argparse.Namespace) -> int:
     print(
         f"expert set '{args.name}' written to {result.path}: {len(result.expert_set.tensors)} "
         f"modules x rank {cfg.rank}, {training['steps']} steps in {training['seconds']:.1f} s, "
-        f"loss {training['first_loss']:.4f} -> {training['final_loss']:.4f}"
+        f"loss {training['first_loss']:.4f} -> {training['final_loss']:.4f}, seed {cfg.seed}"
+        + ("" if args.seed is not None else " (drawn; pass --seed to repeat the run)")
     )
+    args.written = result.path  # for hooks that act on the new set (`serving.cli`: --load)
     return 0
+
+
+def draw_seed() -> int:
+    """A fresh seed for a task learned without --seed.
+
+    Each task's new keys are drawn from its seed, and the keys are what route a token to
+    its task's experts: tasks learned with one shared seed start from identical keys."""
+    return secrets.randbelow(2**31)
 
 
 # --- tasks ---------------------------------------------------------------------------------------
@@ -224,7 +241,7 @@ def _register_eval(subparsers: Any) -> None:
     _add_hyperparameters(
         parser,
         defaults_note="LM: 40 steps, batch 8; CLIP: 150 steps, batch 32, 120 train images per "
-        "class; both lr 2e-3; else as learn",
+        "class; both lr 2e-3; seed 0 (offset per task); else as learn",
     )
     parser.set_defaults(handler=_cmd_eval)
 
