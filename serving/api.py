@@ -45,6 +45,9 @@ class ApiSettings:
     max_label_chars: int = 200
     max_image_pixels: int = 4096 * 4096  # decompression-bomb guard, per image
     max_body_bytes: int = 32 * 1024 * 1024
+    # /v1/completions carries text and token ids only: 16 prompts of a full 8k context fit
+    # with room to spare, and a huge body is refused before it is read or parsed.
+    max_completion_body_bytes: int = 8 * 1024 * 1024
     request_timeout_s: float = 300.0  # past it: 504 (or an SSE error event once streaming)
     served_model_names: tuple[str, ...] = ()  # public LM names; default (lm.model_name,)
 
@@ -127,16 +130,20 @@ def _bearer_matches(request: Request, expected: str) -> bool:
 class BodyLimit:
     """Refuses bodies over `max_bytes` (413) by Content-Length, or while they stream in."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, per_path: dict[str, int] | None = None
+    ) -> None:
+        self.app, self.max_bytes, self.per_path = app, max_bytes, per_path or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        too_large = PayloadTooLarge(f"The request body exceeds {self.max_bytes} bytes.")
+        path = scope["path"].rstrip("/") or "/"
+        limit = min(self.max_bytes, self.per_path.get(path, self.max_bytes))
+        too_large = PayloadTooLarge(f"The request body exceeds {limit} bytes.")
         length = dict(scope["headers"]).get(b"content-length", b"").decode() or "0"
-        if not length.isdigit() or int(length) > self.max_bytes:
+        if not length.isdigit() or int(length) > limit:
             await too_large.response()(scope, receive, send)
             return
         seen = 0
@@ -146,7 +153,7 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
+                if seen > limit:
                     raise too_large
             return message
 
@@ -201,7 +208,11 @@ def create_app(
     app = FastAPI(title="MoRA Serve", version="0.1.0")
     app.state.mora = state
     install_error_handlers(app)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimit,
+        max_bytes=settings.max_body_bytes,
+        per_path={"/v1/completions": settings.max_completion_body_bytes},
+    )
     app.add_middleware(RequestMetrics, metrics=state.metrics)
     app.include_router(_misc_router(state))
     app.include_router(routes_completions.router(state))

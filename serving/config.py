@@ -75,6 +75,8 @@ class LimitSettings(_Strict):
     max_labels: int = Field(512, ge=1)
     max_image_pixels: int = Field(4096 * 4096, ge=1)
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    # /v1/completions only (text and token ids; images and uploads use max_body_bytes)
+    max_completion_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     request_timeout_s: float = Field(300.0, gt=0)
 
 

@@ -163,6 +163,7 @@ def api_settings(cfg: ServerConfig) -> ApiSettings:
         max_labels=limits.max_labels,
         max_image_pixels=limits.max_image_pixels,
         max_body_bytes=limits.max_body_bytes,
+        max_completion_body_bytes=limits.max_completion_body_bytes,
         request_timeout_s=limits.request_timeout_s,
         served_model_names=(cfg.lm.served_name,) if cfg.lm.enabled else (),
     )
