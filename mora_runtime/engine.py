@@ -9,6 +9,11 @@ Prompt blocks already prefilled under the same pool version and routing are reus
 (prefix_cache.py): a row's cached prefix goes into the cache columns in front of its
 remaining tokens.
 
+A step that raises never takes its whole batch down: the state it touched is rolled back,
+the rows are split in halves until the failing sequences are found, and only those end,
+with an "error" event; the others go on as if nothing happened (see `_prefill_isolated`
+and `_decode_isolated`).
+
 Shape legend: S = running sequences, L = cache columns, V = vocabulary, P = prompt length.
 """
 
@@ -62,13 +67,14 @@ class TokenEvent:
     token_id: int | None  # None only on a final event that carries no token
     logprob: float | None
     top_logprobs: tuple[tuple[int, float], ...]
-    finish_reason: str | None  # "stop", "length", "abort", or None while running
+    finish_reason: str | None  # "stop", "length", "abort", "error", or None while running
     pool_version: int
     routing: SequenceRouting | None = None  # totals of the request, on the final event
     prompt_logprobs: tuple[tuple[float | None, tuple[tuple[int, float], ...]], ...] | None = None
     # time.perf_counter() of the engine's process when the token was picked (0: unknown):
     # consumers that receive events in batches still see when each one was made.
     emitted_at: float = 0.0
+    error: str | None = None  # what went wrong, on an "error" final event
 
 
 @dataclass
@@ -108,9 +114,12 @@ class Engine:
         self.pad_token_id = pad_token_id
         self.device = next(model.parameters()).device
         self.num_layers = model.config.get_text_config().num_hidden_layers
+        # Ids at or past it would fail the embedding lookup: refused at admission.
+        self.vocab_size = int(model.get_input_embeddings().num_embeddings)
         self.on_step = on_step
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._running: list[_Sequence] = []
+        self._admitted: list[_Sequence] = []  # taken from the queue, not yet running
         self._aborted: set[str] = set()
         self._cache: BatchKVCache | None = None
         self._mask: Tensor | None = None  # [S, L] long: 1 for real tokens, 0 for padding
@@ -148,6 +157,11 @@ class Engine:
         """Queue a request; `on_event` is called from the engine thread for every token."""
         if not prompt:
             raise ValueError("the prompt must hold at least one token")
+        outside = [t for t in prompt if not 0 <= t < self.vocab_size]
+        if outside:
+            raise ValueError(
+                f"token id {outside[0]} is outside the vocabulary (ids 0 to {self.vocab_size - 1})"
+            )
         if len(prompt) + params.max_tokens > self.max_context:
             raise ValueError(
                 f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds "
@@ -255,11 +269,15 @@ class Engine:
             prefill_tokens = decode_tokens = 0
             per_token: dict[str, tuple[float, ...]] = {}
             if admitted:
-                per_token = self._prefill(admitted)
+                self._admitted = admitted
+                try:
+                    per_token = self._prefill_isolated(admitted)
+                finally:
+                    self._admitted = []
                 prefill_tokens = sum(len(s.prompt) for s in admitted)
             elif self._running:
                 decode_tokens = len(self._running)
-                per_token = self._decode()
+                per_token = self._decode_isolated()
             if self.on_step is not None and (prefill_tokens or decode_tokens):
                 timing = StepTiming(
                     time.perf_counter() - started,
@@ -280,11 +298,17 @@ class Engine:
                 seq = self._waiting.popleft()
                 budget -= len(seq.prompt)
                 admitted.append(seq)
+        ready: list[_Sequence] = []
         for seq in admitted:
             seq.snapshot = self.pool.acquire() if self.pool is not None else None
-            if seq.params.seed is not None:
-                seq.generator = torch.Generator().manual_seed(seq.params.seed)
-        return admitted
+            try:
+                if seq.params.seed is not None:
+                    seq.generator = torch.Generator().manual_seed(seq.params.seed)
+            except Exception as error:  # e.g. a seed torch refuses: this request only
+                self._end_with_error(seq, error)
+                continue
+            ready.append(seq)
+        return ready
 
     def _forward(
         self,
@@ -358,6 +382,8 @@ class Engine:
         else:
             cache = BatchKVCache(self.num_layers)
         want_prompt_logprobs = any(s.params.prompt_logprobs is not None for s in seqs)
+        # Everything that may fail comes before the first change to the engine's state, so a
+        # failed prefill can be retried on fewer rows (_prefill_isolated).
         logits, routing = self._forward(
             seqs,
             ids,
@@ -367,17 +393,18 @@ class Engine:
             all_logits=want_prompt_logprobs,
             valid=mask[:, prefix_width:].reshape(-1).bool(),
         )
-        self._store_prefixes(seqs, keys, cache, prefix_width + width)
         prompt_logprobs = (
             [self._prompt_logprobs(s, logits[row], width) for row, s in enumerate(seqs)]
             if want_prompt_logprobs
             else [None] * len(seqs)
         )
+        picks = self._sample(seqs, logits[:, -1].float())
+        self._store_prefixes(seqs, keys, cache, prefix_width + width)
         for seq in seqs:
             seq.position = len(seq.prompt) - 1  # the last prompt token's; _emit_step moves it
         first_row = len(self._running) if self._cache is not None else 0
         self._merge(seqs, cache, mask)  # the new rows go after the running ones
-        self._emit_step(seqs, logits[:, -1].float(), routing, prompt_logprobs, first_row)
+        self._emit_step(seqs, picks, routing, prompt_logprobs, first_row)
         return routing.per_token if routing is not None else {}
 
     def _store_prefixes(
@@ -424,30 +451,148 @@ class Engine:
         self._running = self._running + list(seqs)
 
     def _decode(self) -> dict[str, tuple[float, ...]]:
+        """One token for every running sequence. On failure the cache and mask are as
+        before the call (the forward may have written a column into some layers)."""
         seqs = self._running
         ids = torch.tensor([[s.next_token] for s in seqs], device=self.device)  # [S, 1]
         positions = torch.tensor([[s.position] for s in seqs], device=self.device)  # [S, 1]
         ones = torch.ones(len(seqs), 1, dtype=torch.long, device=self.device)
-        self._mask = torch.cat([self._mask, ones], dim=1)  # [S, L + 1]
-        logits, routing = self._forward(
-            seqs, ids, self._mask, positions, cache=self._cache, all_logits=False, valid=None
-        )
-        self._emit_step(seqs, logits[:, -1].float(), routing, [None] * len(seqs))
+        mask = torch.cat([self._mask, ones], dim=1)  # [S, L + 1]
+        length = self._cache.length
+        try:
+            logits, routing = self._forward(
+                seqs, ids, mask, positions, cache=self._cache, all_logits=False, valid=None
+            )
+            picks = self._sample(seqs, logits[:, -1].float())
+        except Exception:
+            self._cache.truncate(length)
+            raise
+        self._mask = mask
+        self._emit_step(seqs, picks, routing, [None] * len(seqs))
         return routing.per_token if routing is not None else {}
 
-    def _emit_step(
-        self, seqs, logits: Tensor, routing, prompt_logprobs, first_row: int = 0
-    ) -> None:
-        """Sample one token per sequence, send the events, and retire finished rows.
-
-        `seqs` occupy batch rows `first_row ...` (a prefill's new rows follow the running
-        ones)."""
+    def _sample(self, seqs: list[_Sequence], logits: Tensor, *, trial: bool = False) -> list:
+        """`sample_next` for `seqs` that leaves their generators as they were if it fails
+        (always, with `trial`), so a retried step draws the same tokens."""
         for seq in seqs:
             if seq.params.penalised and seq.counts is None:
                 seq.counts = torch.zeros(logits.shape[-1], dtype=torch.float32)
-        picks = sample_next(
-            logits, [s.params for s in seqs], [s.generator for s in seqs], [s.counts for s in seqs]
+        states = [
+            (s.generator, s.generator.get_state())
+            for s in seqs
+            if s.generator is not None and s.params.temperature > 0
+        ]
+        try:
+            picks = sample_next(
+                logits,
+                [s.params for s in seqs],
+                [s.generator for s in seqs],
+                [s.counts for s in seqs],
+            )
+        except Exception:
+            trial = True
+            raise
+        finally:
+            if trial:  # a failure or a trial: as if nothing was drawn
+                for generator, state in states:
+                    generator.set_state(state)
+        return picks
+
+    # ------------------------------------------------------------------ failure isolation
+    def _prefill_isolated(self, seqs: list[_Sequence]) -> dict[str, tuple[float, ...]]:
+        """Prefill `seqs`; if that fails, prefill each half on its own, down to single
+        sequences: one that fails alone ends with an "error" event, the rest run."""
+        try:
+            return self._prefill(seqs)
+        except Exception as error:
+            if len(seqs) == 1:
+                self._end_with_error(seqs[0], error)
+                return {}
+            logger.warning("prefill of %d sequences failed (%r); splitting", len(seqs), error)
+        half = len(seqs) // 2
+        first = self._prefill_isolated(seqs[:half])
+        second = self._prefill_isolated(seqs[half:])
+        return {k: first.get(k, ()) + second.get(k, ()) for k in first.keys() | second.keys()}
+
+    def _decode_isolated(self) -> dict[str, tuple[float, ...]]:
+        """Decode; if that fails, find the sequences that fail on their own (by halves, on
+        copies of their cache rows), end them with an "error" event and decode the others.
+        If none fails on its own the decode is retried once; failing again, it ends all."""
+        try:
+            return self._decode()
+        except Exception as error:
+            logger.warning(
+                "decode of %d sequences failed (%r); isolating", len(self._running), error
+            )
+            failing = self._failing_rows(list(range(len(self._running))), error)
+        for row, row_error in failing:
+            self._end_with_error(self._running[row], row_error, retire=False)
+        if failing:
+            self._retire_rows([row for row, _ in failing])
+        if not self._running:
+            return {}
+        try:
+            return self._decode()
+        except Exception as error:
+            logger.exception("decode failed again; ending its %d sequences", len(self._running))
+            for seq in self._running:
+                self._end_with_error(seq, error, retire=False)
+            self._retire_rows(list(range(len(self._running))))
+            return {}
+
+    def _failing_rows(
+        self, rows: list[int], error: BaseException
+    ) -> list[tuple[int, BaseException]]:
+        """The rows among `rows` (whose decode raised `error`) that fail on their own."""
+        if len(rows) == 1:
+            return [(rows[0], error)]
+        half = len(rows) // 2
+        failing: list[tuple[int, BaseException]] = []
+        for part in (rows[:half], rows[half:]):
+            part_error = self._try_decode(part)
+            if part_error is not None:
+                failing += self._failing_rows(part, part_error)
+        return failing
+
+    def _try_decode(self, rows: list[int]) -> BaseException | None:
+        """Run the decode of `rows` on copies of their cache rows, changing nothing."""
+        seqs = [self._running[row] for row in rows]
+        index = torch.tensor(rows, device=self.device)
+        cache = self._cache.copy_rows(index)
+        ones = torch.ones(len(rows), 1, dtype=torch.long, device=self.device)
+        mask = torch.cat([self._mask.index_select(0, index), ones], dim=1)  # [S', L + 1]
+        ids = torch.tensor([[s.next_token] for s in seqs], device=self.device)  # [S', 1]
+        positions = torch.tensor([[s.position] for s in seqs], device=self.device)
+        try:
+            logits, _ = self._forward(
+                seqs, ids, mask, positions, cache=cache, all_logits=False, valid=None
+            )
+            self._sample(seqs, logits[:, -1].float(), trial=True)
+        except Exception as error:
+            return error
+        return None
+
+    def _end_with_error(self, seq: _Sequence, error: BaseException, *, retire: bool = True) -> None:
+        """End one sequence that failed on its own. Not running yet (`retire`): its pool
+        snapshot is released here; a running row is retired by the caller."""
+        logger.error("request %s failed in the engine; ending it", seq.request_id, exc_info=error)
+        message = f"{type(error).__name__}: {error}"[:300]
+        version = seq.snapshot.version if seq.snapshot else 0
+        event = TokenEvent(
+            seq.request_id, None, None, (), "error", version, seq.routing, error=message
         )
+        if retire:
+            self._admitted = [s for s in self._admitted if s is not seq]
+            if seq.snapshot is not None and self.pool is not None:
+                self.pool.release(seq.snapshot)
+        self._deliver(seq, event)
+
+    def _emit_step(self, seqs, picks: list, routing, prompt_logprobs, first_row: int = 0) -> None:
+        """Send the events of this step's `picks` (one per sequence) and retire finished
+        rows.
+
+        `seqs` occupy batch rows `first_row ...` (a prefill's new rows follow the running
+        ones)."""
         finished: list[int] = []
         now = time.perf_counter()
         for row, (seq, pick) in enumerate(zip(seqs, picks, strict=True)):
@@ -541,8 +686,15 @@ class Engine:
         return TokenEvent(seq.request_id, None, None, (), "abort", version, seq.routing)
 
     def _fail_all(self) -> None:
+        running = {id(seq) for seq in self._running}
+        # Admitted but not merged when the step broke: not queued nor running any more.
+        stranded = [seq for seq in self._admitted if id(seq) not in running]
+        for seq in stranded:
+            if seq.snapshot is not None and self.pool is not None:
+                self.pool.release(seq.snapshot)
+        self._admitted = []
         with self._wakeup:
-            seqs = list(self._waiting) + list(self._running)
+            seqs = list(self._waiting) + stranded + list(self._running)
             self._waiting.clear()
         for seq in seqs:
             self._deliver(seq, self._abort_event(seq))

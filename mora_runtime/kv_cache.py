@@ -90,6 +90,22 @@ class BatchKVCache(DynamicCache):
                 layer.keys = layer.keys.index_select(0, rows)
                 layer.values = layer.values.index_select(0, rows)
 
+    def truncate(self, length: int) -> None:
+        """Forget every column at or past `length` (undoes a forward that failed midway)."""
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.length = min(layer.length, length)
+
+    def copy_rows(self, rows: Tensor) -> BatchKVCache:
+        """A new cache holding copies of `rows` [S'] (the original is left untouched)."""
+        out = type(self)(len(self.layers))
+        for new, old in zip(out.layers, self.layers, strict=True):
+            if old.is_initialized:
+                new.keys = old.keys.index_select(0, rows)
+                new.values = old.values.index_select(0, rows)
+                new.length, new.device, new.is_initialized = old.length, old.device, True
+        return out
+
     def trim_left(self, columns: int) -> None:
         """Drop the first `columns` columns (padding no row needs any more)."""
         if columns <= 0:

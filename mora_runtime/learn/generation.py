@@ -100,7 +100,7 @@ def generate_greedy(
         _run_wave(engine, wave, ids, params, outputs, finals)
     results = []
     for tokens, final in zip(outputs, finals, strict=True):
-        if final is None or final.finish_reason == "abort":
+        if final is None or final.finish_reason in ("abort", "error"):
             raise RuntimeError("generation was aborted (see the engine's log)")
         text = tokenizer.decode(tokens, skip_special_tokens=True)
         results.append(Generation(text, final.routing or SequenceRouting()))

@@ -56,6 +56,7 @@ class TokenEvent:
     routing: SequenceRouting | None = None
     prompt_logprobs: tuple[tuple[float | None, tuple[tuple[int, float], ...]], ...] | None = None
     emitted_at: float = 0.0
+    error: str | None = None
 
 
 def encode(text: str) -> list[int]:
