@@ -368,13 +368,12 @@ class ExpertLoadRequest(_Closed):
     @validates("path")
     @classmethod
     def _inside_store(cls, value: str) -> str:
-        normal = posixpath.normpath(value.replace("\\", "/"))
+        slashed = value.replace("\\", "/")
         if (
             value.startswith(("/", "\\", "~"))
             or (len(value) > 1 and value[1] == ":")
-            or normal == ".."
-            or normal.startswith("../")
+            or ".." in slashed.split("/")  # any `..`, as the store refuses: even one back inside
             or "\x00" in value
         ):
-            raise _invalid("path must be relative to the expert store and stay inside it")
-        return normal
+            raise _invalid("path must be relative to the expert store, without '..' components")
+        return posixpath.normpath(slashed)

@@ -82,6 +82,19 @@ def test_load_failures_map_to_statuses(client):
     assert_openai_error(client.delete("/v1/experts", headers=AUTH), 400, "name")
 
 
+@pytest.mark.parametrize(
+    "path", ["set-a/../set-b", "set-a/..", "a/b/../../c", "..", "set-a\\..\\set-b", "./../x"]
+)
+def test_any_dotdot_component_is_refused(client, admin, path):
+    """The store refuses every `..` (even one that lands back inside): so does the API, before
+    any normalising could turn `set-a/../set-b` into `set-b`."""
+    error = assert_openai_error(
+        client.post("/v1/experts", json={"path": path}, headers=AUTH), 400, "path"
+    )
+    assert ".." in error["message"]
+    assert admin.loads == []
+
+
 def test_no_admin_backend_is_404_after_auth():
     with TestClient(make_app(fakes.FakeLM(), admin_token="t")) as client:
         assert_openai_error(client.get("/v1/experts"), 401)
