@@ -26,7 +26,15 @@ from serving.errors import (
     UnsupportedMedia,
     install_error_handlers,
 )
-from serving.protocol import Limits, ModelCard, ModelList
+from serving.openapi import errors, install_openapi
+from serving.protocol import (
+    ClassifyRequest,
+    CompletionRequest,
+    ExpertLoadRequest,
+    Limits,
+    ModelCard,
+    ModelList,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -208,6 +216,7 @@ def create_app(
     app = FastAPI(title="MoRA Serve", version="0.1.0")
     app.state.mora = state
     install_error_handlers(app)
+    install_openapi(app, [CompletionRequest, ClassifyRequest, ExpertLoadRequest])
     app.add_middleware(
         BodyLimit,
         max_bytes=settings.max_body_bytes,
@@ -224,12 +233,12 @@ def create_app(
 def _misc_router(state: AppState) -> APIRouter:
     routes = APIRouter()
 
-    @routes.get("/v1/models")
+    @routes.get("/v1/models", responses=errors(401))
     async def list_models(request: Request) -> ModelList:
         state.require_api(request)
         return ModelList(data=[ModelCard(id=name) for name in state.model_names])
 
-    @routes.get("/health")
+    @routes.get("/health", responses=errors())
     async def health() -> dict[str, Any]:
         return {"status": "ok", "models": list(state.model_names)}
 

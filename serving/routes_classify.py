@@ -25,6 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from serving.errors import BadRequest, PayloadTooLarge, RequestTimeout
+from serving.openapi import errors, json_body
 from serving.protocol import (
     ClassifyRequest,
     ClassifyResponse,
@@ -40,12 +41,28 @@ if TYPE_CHECKING:
 IMAGE_FORMATS = ("PNG", "JPEG")
 _DATA_URL = re.compile(r"^data:[\w.+/-]*(;[\w=.+-]+)*;base64,", re.IGNORECASE)
 _FORM_FIELDS = 16  # non-file fields besides repeated labels
+_MULTIPART = {
+    "type": "object",
+    "required": ["images"],
+    "properties": {
+        "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
+        "labels": {"type": "array", "items": {"type": "string"}},
+        "top_k": {"type": "integer", "minimum": 1},
+        "model": {"type": "string"},
+        "mora": {"type": "string", "description": "MoraOptions as a JSON object"},
+    },
+}
 
 
 def router(state: AppState) -> APIRouter:
     routes = APIRouter()
 
-    @routes.post("/classify", response_model=None)
+    @routes.post(
+        "/classify",
+        response_model=None,
+        responses=errors(400, 401, 404, 415, 504),
+        openapi_extra=json_body(ClassifyRequest, multipart=_MULTIPART),
+    )
     async def classify(request: Request) -> JSONResponse:
         state.require_api(request)
         settings = state.settings

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from serving.backend import LMBackend, merge_routing
 from serving.errors import ApiError, BadRequest, ContextLengthExceeded, Overloaded, RequestTimeout
+from serving.openapi import errors, json_body
 from serving.protocol import (
     CompletionChoice,
     CompletionChunk,
@@ -48,7 +49,12 @@ DONE = "data: [DONE]\n\n"
 def router(state: AppState) -> APIRouter:
     routes = APIRouter()
 
-    @routes.post("/v1/completions", response_model=None)
+    @routes.post(
+        "/v1/completions",
+        response_model=None,
+        responses=errors(400, 401, 404, 415, 503, 504),
+        openapi_extra=json_body(CompletionRequest),
+    )
     async def create_completion(request: Request) -> Response:
         state.require_api(request)
         body = await state.read_json(request)
@@ -127,6 +133,19 @@ class Choice:
     async def start(self) -> None:
         """Wait for the first event: admission errors surface here, before any response."""
         self.first_event = await self._next()
+        self._raise_if_failed(self.first_event)
+
+    @staticmethod
+    def _raise_if_failed(event: TokenEvent) -> None:
+        """The engine ended this request alone because processing it failed (the others in
+        its batch went on): most likely its input, so a 400 naming the prompt."""
+        if event.finish_reason == "error":
+            reason = getattr(event, "error", None) or "unknown error"
+            raise BadRequest(
+                f"The model could not process this request ({reason}).",
+                param="prompt",
+                code="invalid_prompt",
+            )
 
     async def close(self) -> None:
         closer = getattr(self.events, "aclose", None)
@@ -179,6 +198,7 @@ class Choice:
         self.pool_version = event.pool_version
         if event.routing is not None:
             self.routing = event.routing
+        self._raise_if_failed(event)
         if event.finish_reason == "abort":
             raise Overloaded("The engine aborted the request (shutting down or overloaded).")
         piece = Piece()

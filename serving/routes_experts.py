@@ -18,12 +18,18 @@ from starlette.datastructures import UploadFile
 
 from serving.backend import ExpertAdmin
 from serving.errors import BadRequest, NotFound
+from serving.openapi import errors, json_body
 from serving.protocol import ExpertLoadRequest, parse_request
 
 if TYPE_CHECKING:
     from serving.api import AppState
 
 MAX_NAME_CHARS = 200
+_MULTIPART = {
+    "type": "object",
+    "required": ["file"],
+    "properties": {"file": {"type": "string", "format": "binary"}, "model": {"type": "string"}},
+}
 
 
 def router(state: AppState) -> APIRouter:
@@ -35,11 +41,16 @@ def router(state: AppState) -> APIRouter:
             raise NotFound("Expert administration is not available on this server.")
         return state.admin
 
-    @routes.get("/v1/experts", response_model=None)
+    @routes.get("/v1/experts", response_model=None, responses=errors(401, 404))
     async def list_sets(request: Request) -> JSONResponse:
         return JSONResponse(jsonable_encoder(await admin(request).list_sets()))
 
-    @routes.post("/v1/experts", response_model=None)
+    @routes.post(
+        "/v1/experts",
+        response_model=None,
+        responses=errors(400, 401, 404, 409, 415, 422, 503),
+        openapi_extra=json_body(ExpertLoadRequest, multipart=_MULTIPART),
+    )
     async def load_set(request: Request) -> JSONResponse:
         backend = admin(request)
         path: str | None = None
@@ -69,11 +80,11 @@ def router(state: AppState) -> APIRouter:
             raise BadRequest("Give the name of a loaded expert set.", param="name")
         return JSONResponse(jsonable_encoder(await backend.retire_set(name)))
 
-    @routes.delete("/v1/experts/{name}", response_model=None)
+    @routes.delete("/v1/experts/{name}", response_model=None, responses=errors(400, 401, 404, 503))
     async def retire_by_path(request: Request, name: str) -> JSONResponse:
         return await retire(request, name)
 
-    @routes.delete("/v1/experts", response_model=None)
+    @routes.delete("/v1/experts", response_model=None, responses=errors(400, 401, 404, 503))
     async def retire_by_query(request: Request) -> JSONResponse:
         return await retire(request, request.query_params.get("name", ""))
 
