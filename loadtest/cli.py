@@ -55,7 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--concurrency", type=int, help="closed loop: N users, back to back")
     mode.add_argument("--rate", type=_positive, help="open loop: requests per second")
     run.add_argument("--arrival", choices=("poisson", "constant"), default="poisson")
-    run.add_argument("--duration", type=_positive, default=60.0, help="seconds of sending")
+    run.add_argument(
+        "--duration", "--duration-s", dest="duration", type=_positive, default=60.0,
+        help="seconds of sending",
+    )  # fmt: skip
     run.add_argument("--warmup", type=float, default=5.0, help="seconds excluded at the start")
     run.add_argument("--mix", default="completions=0.6,stream=0.3,classify=0.1")
     run.add_argument("--prompt-len", default="uniform:16,64", help="words per prompt (DIST)")
@@ -76,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, help="output directory (default runs/loadtest-TIME)")
     run.add_argument("--no-plots", action="store_true")
     run.add_argument("--allow-remote", action="store_true", help="allow non-loopback URLs")
-    run.add_argument("--scenario", choices=("steady", "hotload"), default="steady")
+    run.add_argument("--scenario", choices=("steady", "hotload", "soak"), default="steady")
     run.add_argument("--admin-token", default=os.environ.get("MORA_ADMIN_TOKEN"))
     run.add_argument("--hotload-every", type=_positive, default=15.0, help="seconds")
     run.add_argument(
@@ -88,6 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--hotload-model-dir", help="LM the sets are generated for (default model)")
     run.add_argument("--hotload-rank", type=int, default=8)
     run.add_argument("--keep-sets", action="store_true", help="do not retire the loaded sets")
+    soak = run.add_argument_group("soak scenario (--scenario soak)")
+    soak.add_argument("--soak-sets", type=int, default=4, help="sets generated for the churn")
+    soak.add_argument("--soak-churn-every", type=_positive, default=10.0, help="seconds")
+    soak.add_argument("--soak-max-loaded", type=int, default=2, help="of the churn's sets")
+    soak.add_argument("--soak-storm-every", type=_positive, default=60.0, help="seconds")
+    soak.add_argument("--soak-storm-size", type=int, default=32, help="streams per storm")
+    soak.add_argument("--soak-storm-tokens", type=int, default=64, help="max_tokens of each")
+    soak.add_argument("--soak-sample-every", type=_positive, default=5.0, help="seconds")
+    soak.add_argument(
+        "--soak-max-slope", type=float, help="fail if a replica's RSS grows faster (MB/min)"
+    )
+    soak.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("-v", "--verbose", action="store_true")
 
     cmp = sub.add_parser("compare", help="exit 1 if NEW regressed against BASE")
@@ -107,12 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_config(args: argparse.Namespace):
     from .runner import RunConfig
 
-    urls = [args.url] + ([args.metrics_url] if args.metrics_url != "none" else [])
-    for url in urls:
-        if not args.allow_remote and not is_loopback(url):
-            raise UsageError(f"{url} is not a loopback address; pass --allow-remote to use it")
-    if args.duration > MAX_DURATION_S:
-        raise UsageError(f"--duration is capped at {MAX_DURATION_S:g} s")
+    _check_urls(args)
     if not 0 <= args.warmup < args.duration:
         raise UsageError("--warmup must be >= 0 and shorter than --duration")
     if args.concurrency is None and args.rate is None:
@@ -125,22 +135,7 @@ def _run_config(args: argparse.Namespace):
             raise UsageError("--scenario hotload needs --admin-token (or $MORA_ADMIN_TOKEN)")
         # Loads happen at every, 2 * every, ... strictly before the end of the run.
         count = max(1, math.ceil(args.duration / args.hotload_every) - 1)
-        if args.hotload_sets:
-            paths = tuple(p.strip() for p in args.hotload_sets.split(",") if p.strip())
-        elif args.hotload_store:
-            from .hotload import generate_sets
-
-            paths = tuple(
-                generate_sets(
-                    args.hotload_store,
-                    count,
-                    model_dir=args.hotload_model_dir,
-                    rank=args.hotload_rank,
-                    seed=args.seed,
-                )
-            )
-        else:
-            raise UsageError("--scenario hotload needs --hotload-sets or --hotload-store")
+        paths = _hotload_paths(args, count)
     return RunConfig(
         url=args.url,
         duration_s=args.duration,
@@ -167,10 +162,131 @@ def _run_config(args: argparse.Namespace):
     )
 
 
+def _hotload_paths(args: argparse.Namespace, count: int) -> tuple[str, ...]:
+    if args.hotload_sets:
+        return tuple(p.strip() for p in args.hotload_sets.split(",") if p.strip())
+    if args.hotload_store:
+        from .hotload import generate_sets
+
+        return tuple(
+            generate_sets(
+                args.hotload_store,
+                count,
+                model_dir=args.hotload_model_dir,
+                rank=args.hotload_rank,
+                seed=args.seed,
+            )
+        )
+    raise UsageError(f"--scenario {args.scenario} needs --hotload-sets or --hotload-store")
+
+
+def _check_urls(args: argparse.Namespace) -> None:
+    urls = [args.url] + ([args.metrics_url] if args.metrics_url != "none" else [])
+    for url in urls:
+        if not args.allow_remote and not is_loopback(url):
+            raise UsageError(f"{url} is not a loopback address; pass --allow-remote to use it")
+    if args.duration > MAX_DURATION_S:
+        raise UsageError(f"--duration is capped at {MAX_DURATION_S:g} s")
+
+
+def _soak_config(args: argparse.Namespace):
+    from .soak import SoakConfig, SoakPlanError, plan_churn
+
+    _check_urls(args)
+    if args.metrics_url == "none":
+        raise UsageError("--scenario soak samples memory from --metrics-url; it cannot be none")
+    if not args.admin_token:
+        raise UsageError("--scenario soak needs --admin-token (or $MORA_ADMIN_TOKEN)")
+    if args.rate is not None:
+        raise UsageError("--scenario soak runs closed-loop users: use --concurrency, not --rate")
+    for name in ("concurrency", "soak_sets", "soak_storm_size", "soak_storm_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.soak_sets <= args.soak_max_loaded:
+        raise UsageError("--soak-sets must be larger than --soak-max-loaded")
+    try:  # refuse a plan that cannot work before generating sets for it
+        plan_churn(
+            [str(i) for i in range(args.soak_sets)],
+            args.soak_churn_every,
+            args.duration,
+            args.soak_max_loaded,
+        )
+    except SoakPlanError as exc:
+        raise UsageError(str(exc)) from None
+    paths = _hotload_paths(args, args.soak_sets)
+    return SoakConfig(
+        url=args.url,
+        metrics_url=args.metrics_url,
+        duration_s=args.duration,
+        set_paths=paths,
+        mix=parse_mix(args.mix),
+        prompt_len=Dist.parse(args.prompt_len),
+        max_tokens=Dist.parse(args.max_tokens),
+        admin_token=args.admin_token,
+        api_key=args.api_key,
+        model=args.model,
+        concurrency=args.concurrency or 2,
+        temperature=args.temperature,
+        seed=args.seed,
+        churn_every_s=args.soak_churn_every,
+        max_loaded=args.soak_max_loaded,
+        storm_every_s=args.soak_storm_every,
+        storm_size=args.soak_storm_size,
+        storm_max_tokens=args.soak_storm_tokens,
+        sample_every_s=args.soak_sample_every,
+        request_timeout_s=args.request_timeout,
+        drain_timeout_s=args.drain_timeout,
+        max_requests=args.max_requests,
+        max_connections=max(args.max_inflight, args.soak_storm_size + (args.concurrency or 2)),
+        progress=not args.no_progress,
+    )
+
+
+def cmd_soak(args: argparse.Namespace) -> int:
+    from .soak_report import render_text, write_soak_outputs
+
+    cfg = _soak_config(args)
+    out = args.out or Path("runs") / f"soak-{time.strftime('%Y%m%d-%H%M%S')}"
+    result = asyncio.run(_soak_with_progress(cfg))
+    summary = write_soak_outputs(
+        result, out, plots=not args.no_plots, max_slope_mb_per_min=args.soak_max_slope
+    )
+    print(render_text(summary))
+    print(f"\nwrote {', '.join(summary['files'])} to {out}")
+    return 0 if summary["passed"] else 1
+
+
+async def _soak_with_progress(cfg):
+    from tqdm import tqdm
+
+    from .soak import run_soak
+
+    with tqdm(total=round(cfg.duration_s), unit="s", desc="soak", disable=not cfg.progress) as bar:
+
+        def tick(result, t: float) -> None:
+            bar.n = min(round(t), bar.total)
+            replicas = [s for s in result.samples if s.series.startswith("replica:")]
+            ok = sum(r.ok for r in result.records)
+            bar.set_postfix(
+                ok=ok,
+                failed=len(result.records) - ok,
+                storms=len(result.storms),
+                ops=len(result.churn),
+                rss_mb=f"{replicas[-1].rss_bytes / 1e6:.0f}" if replicas else "-",
+                refresh=False,
+            )
+            bar.refresh()
+
+        return await run_soak(cfg, on_tick=tick)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .report import render_text, write_outputs
     from .runner import run
 
+    if args.scenario == "soak":
+        return cmd_soak(args)
     cfg = _run_config(args)
     out = args.out or Path("runs") / f"loadtest-{time.strftime('%Y%m%d-%H%M%S')}"
     result = asyncio.run(run(cfg))

@@ -61,6 +61,7 @@ class LoadClient:
         timeout_s: float = 120.0,
         max_connections: int = 256,
         temperature: float = 1.0,
+        transport: httpx.AsyncBaseTransport | None = None,  # tests: httpx.MockTransport
     ) -> None:
         start = time.perf_counter()
         self.clock = clock or (lambda: time.perf_counter() - start)
@@ -74,6 +75,7 @@ class LoadClient:
             limits=httpx.Limits(
                 max_connections=max_connections, max_keepalive_connections=max_connections
             ),
+            transport=transport,
         )
 
     async def aclose(self) -> None:

@@ -66,6 +66,7 @@ class _ReplicaBase:
     def _refresh_gauges(self) -> None:
         pool = self.replica.pool
         server_metrics().set_pool(self.model_name, pool.num_experts, pool.version)
+        server_metrics().set_rss(self.model_name)
 
     # hot-load protocol, called by the ingress through handle.broadcast
     async def prepare(self, op: dict[str, Any]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from a fixed list, status codes are numbers, and expert-set names are capped by 
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Mapping
 
 from ray.serve import metrics as ray_metrics
@@ -89,6 +90,11 @@ class ServerMetrics:
             description="Requests queued for admission.",
             tag_keys=("model",),
         )
+        self.replica_rss = m.Gauge(
+            "mora_replica_rss_bytes",
+            description="Resident memory of a model replica's process (/proc/self/statm).",
+            tag_keys=("model",),
+        )
         self.load_seconds = m.Histogram(
             "mora_expert_set_load_seconds",
             description="Duration of hot-load / retire operations across replicas.",
@@ -118,6 +124,22 @@ class ServerMetrics:
     def set_queue(self, model: str, running: int, waiting: int) -> None:
         self.running.set(running, tags={"model": model})
         self.waiting.set(waiting, tags={"model": model})
+
+    def set_rss(self, model: str) -> None:
+        rss = process_rss_bytes()
+        if rss is not None:
+            self.replica_rss.set(rss, tags={"model": model})
+
+
+def process_rss_bytes() -> int | None:
+    """This process's resident set size now (not the peak `getrusage` reports); None where
+    /proc is absent."""
+    try:
+        with open("/proc/self/statm") as fh:
+            resident_pages = int(fh.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return resident_pages * os.sysconf("SC_PAGE_SIZE")
 
 
 @functools.cache
