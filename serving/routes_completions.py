@@ -146,19 +146,6 @@ class Choice:
                 param="prompt",
                 code="invalid_prompt",
             )
-        self._raise_if_failed(self.first_event)
-
-    @staticmethod
-    def _raise_if_failed(event: TokenEvent) -> None:
-        """The engine ended this request alone because processing it failed (the others in
-        its batch went on): most likely its input, so a 400 naming the prompt."""
-        if event.finish_reason == "error":
-            reason = getattr(event, "error", None) or "unknown error"
-            raise BadRequest(
-                f"The model could not process this request ({reason}).",
-                param="prompt",
-                code="invalid_prompt",
-            )
 
     async def close(self) -> None:
         closer = getattr(self.events, "aclose", None)
@@ -211,7 +198,6 @@ class Choice:
         self.pool_version = event.pool_version
         if event.routing is not None:
             self.routing = event.routing
-        self._raise_if_failed(event)
         self._raise_if_failed(event)
         if event.finish_reason == "abort":
             raise Overloaded("The engine aborted the request (shutting down or overloaded).")
