@@ -6,9 +6,14 @@ in every layer, so a pool *version* is just a set of visible slots, shared by al
 
 Growth and retirement never touch a slot that a live snapshot can see: loading appends into
 free slots (growing the buffers first if needed), retiring hides a set from new versions
-and frees its slots only once no snapshot taken before the retirement is alive. Callers
-serialise mutations against forward passes (the engine applies them between steps), which
-is why buffers may be reallocated here without locks of their own.
+and frees its slots only once no snapshot taken before the retirement is alive.
+
+A change is staged first (`stage_set`: checked and converted, the pool untouched), then
+applied (`apply`: slots written, one new version published), so applying cannot fail on a
+set's contents. Versions only grow; a server passes its registry's version to `apply`, so
+one number names one pool on every replica. Callers serialise mutations against forward
+passes (the engine applies them between steps), which is why buffers may be reallocated
+here without locks of their own.
 
 Shape legend: N = slots allocated so far (high-water mark), C = capacity, D/O = layer sizes.
 """
@@ -16,108 +21,35 @@ Shape legend: N = slots allocated so far (high-water mark), C = capacity, D/O = 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections import Counter
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from mora_runtime.pool_slots import (
+    ExpertSetEntry,
+    PoolError,
+    PoolLayer,
+    PoolSnapshot,
+    RoutingConfig,
+    StagedSet,
+)
+
+__all__ = [
+    "ExpertPool",
+    "ExpertSetEntry",
+    "PoolError",
+    "PoolLayer",
+    "PoolSnapshot",
+    "RoutingConfig",
+    "StagedSet",
+]
+
 logger = logging.getLogger(__name__)
-
-
-class PoolError(ValueError):
-    """A pool mutation that cannot be applied (the pool is left unchanged)."""
-
-
-@dataclass(frozen=True)
-class RoutingConfig:
-    """Pool-wide routing settings (MORA_SPEC.md: k, tau, delta)."""
-
-    top_k: int = 8
-    tau: float = 0.03
-    threshold: float = 0.2
-
-
-@dataclass(frozen=True)
-class ExpertSetEntry:
-    """Bookkeeping of one loaded expert set: its id and where its experts live."""
-
-    name: str
-    slot_start: int
-    rank: int
-    scale: float
-    version_added: int
-    meta: Mapping[str, Any] = field(default_factory=dict)
-
-    @property
-    def slots(self) -> range:
-        return range(self.slot_start, self.slot_start + self.rank)
-
-
-@dataclass(frozen=True)
-class PoolSnapshot:
-    """What one request sees for all of its tokens: a version and its visible slots."""
-
-    version: int
-    slots: tuple[int, ...]
-    sets: tuple[ExpertSetEntry, ...]
-
-    @property
-    def num_experts(self) -> int:
-        return len(self.slots)
-
-    def mask(self, num_slots: int, device: torch.device | str = "cpu") -> Tensor:
-        """[N] bool: the visible slots among the first `num_slots`."""
-        out = torch.zeros(num_slots, dtype=torch.bool, device=device)
-        if self.slots:
-            out[torch.tensor(self.slots, dtype=torch.long, device=device)] = True
-        return out
-
-    def set_of_slot(self) -> dict[int, str]:
-        return {slot: entry.name for entry in self.sets for slot in entry.slots}
-
-
-class PoolLayer:
-    """Slot buffers of one adapted layer; rows past the high-water mark are zero."""
-
-    def __init__(self, in_features: int, out_features: int, capacity: int, *, device, dtype):
-        self.in_features = in_features
-        self.out_features = out_features
-        self.A = torch.zeros(capacity, in_features, device=device, dtype=dtype)  # [C, D]
-        self.B = torch.zeros(capacity, out_features, device=device, dtype=dtype)  # [C, O]
-        # [C] bool: slots whose set adapts this layer (a set may skip some layers, e.g. a
-        # PEFT adapter on q/v only); absent slots are hidden here, not scored as zeros.
-        self.present = torch.zeros(capacity, dtype=torch.bool, device=device)
-        self.absent_slots = 0
-        self._views: tuple[int, Tensor, Tensor, Tensor, Tensor] | None = None
-
-    def views(self, num_slots: int) -> tuple[Tensor, Tensor, Tensor]:
-        """(A [N, D], B [N, O], present [N]) over the first N slots; cached, since every
-        forward asks for them in every layer (views share the buffers' storage, so writes
-        into slots show through; only a reallocation makes new ones)."""
-        cached = self._views
-        if cached is None or cached[0] != num_slots or cached[1] is not self.A:
-            A, B, present = self.A[:num_slots], self.B[:num_slots], self.present[:num_slots]
-            cached = self._views = (num_slots, self.A, A, B, present)
-        return cached[2], cached[3], cached[4]
-
-    def grow(self, capacity: int) -> None:
-        old = self.A.shape[0]
-        A = self.A.new_zeros(capacity, self.in_features)
-        B = self.B.new_zeros(capacity, self.out_features)
-        A[:old] = self.A
-        B[:old] = self.B
-        present = self.present.new_zeros(capacity)
-        present[:old] = self.present
-        self.A, self.B, self.present = A, B, present
-
-    def to(self, device, dtype) -> None:
-        self.A = self.A.to(device=device, dtype=dtype)
-        self.B = self.B.to(device=device, dtype=dtype)
-        self.present = self.present.to(device=device)
 
 
 class ExpertPool:
@@ -216,32 +148,67 @@ class ExpertPool:
 
         Validates everything first: on any error the pool is unchanged.
         """
-        with self._lock:
-            if name in self._sets:
-                raise PoolError(f"expert set {name!r} is already loaded")
-            rank = self._check_tensors(name, tensors)
-            start = self._allocate(rank)
-            for path, layer in self.layers.items():
-                if path not in tensors:
-                    layer.absent_slots += rank
-                    continue
-                A, B = tensors[path]
-                layer.A[start : start + rank] = A.to(device=self.device, dtype=self.dtype)
-                layer.B[start : start + rank] = B.to(device=self.device, dtype=self.dtype)
-                layer.present[start : start + rank] = True
-            self._slot_scale[start : start + rank] = scale
-            entry = ExpertSetEntry(name, start, rank, float(scale), self._version + 1, meta or {})
-            self._sets[name] = entry
-            return self._publish()
+        return self.apply(add=[self.stage_set(name, tensors, scale=scale, meta=meta)])
 
     def retire_set(self, name: str) -> PoolSnapshot:
         """Hide a set from new requests; in-flight ones keep seeing it until released."""
+        return self.apply(retire=[name])
+
+    def stage_set(
+        self,
+        name: str,
+        tensors: Mapping[str, tuple[Tensor, Tensor]],
+        *,
+        scale: float = 1.0,
+        meta: Mapping[str, Any] | None = None,
+    ) -> StagedSet:
+        """Check a set against this pool and convert it to the pool's device and dtype, without
+        changing the pool: everything about the set that could make `apply` fail fails here
+        (shapes, values that overflow the pool's dtype, a scale it cannot hold)."""
+        if not isinstance(name, str) or not name:
+            raise PoolError("an expert set needs a non-empty name")
+        rank = self._check_tensors(name, tensors)
+        device, dtype = self.device, self.dtype
+        converted: dict[str, tuple[Tensor, Tensor]] = {}
+        for path, (A, B) in tensors.items():
+            A = A.detach().to(device=device, dtype=dtype).contiguous()
+            B = B.detach().to(device=device, dtype=dtype).contiguous()
+            if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+                raise PoolError(f"{name}/{path}: values overflow the pool's dtype {dtype}")
+            converted[path] = (A, B)
+        try:
+            held = float(torch.tensor(float(scale), dtype=torch.float64).to(dtype))
+        except (TypeError, ValueError, OverflowError):
+            held = math.inf
+        if not math.isfinite(held):
+            raise PoolError(f"expert set {name!r}: scale {scale!r} is not finite in {dtype}")
+        return StagedSet(name, rank, float(scale), converted, dict(meta or {}), device, dtype)
+
+    def apply(
+        self,
+        *,
+        add: Iterable[StagedSet] = (),
+        retire: Iterable[str] = (),
+        version: int | None = None,
+    ) -> PoolSnapshot:
+        """Retire and add sets in one step, published as one new version: `version` when given
+        (it must be newer than the pool's: a registry names the pool), else the next one.
+
+        Everything is checked, and the buffers grown, before anything visible changes: on any
+        error the pool is unchanged.
+        """
+        add, retire = list(add), list(retire)
         with self._lock:
-            entry = self._sets.pop(name, None)
-            if entry is None:
-                raise PoolError(f"expert set {name!r} is not loaded")
-            snap = self._publish()
-            self._retired.append((snap.version, entry))
+            self._check_apply(add, retire, version)
+            starts, free, high_water = self._plan([staged.rank for staged in add])
+            self._ensure_capacity(high_water)  # may fail (memory): nothing is visible yet
+            self._free, self._high_water = free, high_water
+            new_version = self._version + 1 if version is None else version
+            retired = [self._sets.pop(name) for name in retire]
+            for staged, start in zip(add, starts, strict=True):
+                self._install(staged, start, new_version)
+            snap = self._publish(version)
+            self._retired.extend((snap.version, entry) for entry in retired)
             self._reclaim()
             return snap
 
@@ -270,8 +237,7 @@ class ExpertPool:
             if version < self._version:
                 raise PoolError(f"version {version} is older than the pool's {self._version}")
             if version > self._version:
-                self._version = version - 1
-                self._publish()
+                self._publish(version)
             return self._latest
 
     def reserve(self, extra_slots: int) -> None:
@@ -310,16 +276,52 @@ class ExpertPool:
             raise PoolError(f"expert set {name!r}: every layer needs the same non-zero rank")
         return ranks.pop()
 
-    def _allocate(self, rank: int) -> int:
-        for i, (start, length) in enumerate(self._free):
-            if length >= rank:
-                rest = (start + rank, length - rank)
-                self._free[i : i + 1] = [rest] if rest[1] else []
-                return start
-        start = self._high_water
-        self._ensure_capacity(start + rank)
-        self._high_water = start + rank
-        return start
+    def _check_apply(self, add: list[StagedSet], retire: list[str], version: int | None) -> None:
+        if version is not None and version <= self._version:
+            raise PoolError(f"version {version} is not newer than the pool's {self._version}")
+        if len(set(retire)) != len(retire):
+            raise PoolError(f"expert sets retired twice: {sorted(retire)}")
+        for name in retire:
+            if name not in self._sets:
+                raise PoolError(f"expert set {name!r} is not loaded")
+        names = [staged.name for staged in add]
+        if len(set(names)) != len(names):
+            raise PoolError(f"expert sets added twice: {sorted(names)}")
+        for staged in add:
+            if staged.name in self._sets and staged.name not in retire:
+                raise PoolError(f"expert set {staged.name!r} is already loaded")
+            if staged.device != self.device or staged.dtype != self.dtype:
+                raise PoolError(f"expert set {staged.name!r} was staged for another device/dtype")
+            if not staged.tensors.keys() <= self.layers.keys():
+                raise PoolError(f"expert set {staged.name!r} was staged for another pool")
+
+    def _plan(self, ranks: list[int]) -> tuple[list[int], list[tuple[int, int]], int]:
+        """Slot starts for sets of these ranks, and the free list and high-water mark after."""
+        free, high_water, starts = list(self._free), self._high_water, []
+        for rank in ranks:
+            for i, (start, length) in enumerate(free):
+                if length >= rank:
+                    rest = (start + rank, length - rank)
+                    free[i : i + 1] = [rest] if rest[1] else []
+                    break
+            else:
+                start, high_water = high_water, high_water + rank
+            starts.append(start)
+        return starts, free, high_water
+
+    def _install(self, staged: StagedSet, start: int, version: int) -> None:
+        rank = staged.rank
+        for path, layer in self.layers.items():
+            if path not in staged.tensors:
+                layer.absent_slots += rank
+                continue
+            A, B = staged.tensors[path]
+            layer.A[start : start + rank] = A
+            layer.B[start : start + rank] = B
+            layer.present[start : start + rank] = True
+        self._slot_scale[start : start + rank] = staged.scale
+        entry = ExpertSetEntry(staged.name, start, rank, staged.scale, version, staged.meta)
+        self._sets[staged.name] = entry
 
     def _ensure_capacity(self, needed: int) -> None:
         if needed <= self._capacity:
@@ -333,8 +335,9 @@ class ExpertPool:
         self._slot_scale = scale
         self._capacity = capacity
 
-    def _publish(self) -> PoolSnapshot:
-        self._version += 1
+    def _publish(self, version: int | None = None) -> PoolSnapshot:
+        # Versions only grow: snapshots are pinned, and caches keyed, by version.
+        self._version = self._version + 1 if version is None else version
         entries = tuple(sorted(self._sets.values(), key=lambda e: e.slot_start))
         slots = tuple(s for e in entries for s in e.slots)
         self._latest = PoolSnapshot(self._version, slots, entries)
