@@ -14,6 +14,7 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
+import ray
 from ray import serve
 from ray.serve import Application
 
@@ -86,7 +87,14 @@ class _ReplicaBase:
         return result
 
     async def describe_pool(self) -> dict[str, Any]:
-        return {**self.replica.describe(), "activations": dict(self.replica.activations)}
+        # The node lets an operator (and tests/integration/test_cluster.py) see where each
+        # replica runs and which ones a lost node took with it.
+        node_id = ray.get_runtime_context().get_node_id()
+        return {
+            **self.replica.describe(),
+            "node_id": node_id,
+            "activations": dict(self.replica.activations),
+        }
 
 
 async def event_batches(
