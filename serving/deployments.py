@@ -24,9 +24,9 @@ from mora_runtime.sampling import SamplingParams
 
 from .backend import ClassifyResult
 from .config import ServerConfig
-from .hotload import ReplicaPool
 from .metrics import server_metrics
-from .registry import registry_actor
+from .registry import RegistryState, registry_actor
+from .replica_pool import ReplicaPool
 
 logger = logging.getLogger(__name__)
 
@@ -73,16 +73,16 @@ class _ReplicaBase:
     async def prepare(self, op: dict[str, Any]) -> dict[str, Any]:
         return await self.replica.prepare(op)
 
-    async def commit(self, op: dict[str, Any], version: int) -> dict[str, Any]:
-        result = await self.replica.commit(op, version)
+    async def commit(self, op: dict[str, Any], state: RegistryState) -> dict[str, Any]:
+        result = await self.replica.commit(op, state)
         self._refresh_gauges()
         return result
 
     async def abort(self, op_id: str) -> dict[str, Any]:
         return await self.replica.abort(op_id)
 
-    async def sync_version(self, version: int) -> dict[str, Any]:
-        result = await self.replica.sync_version(version)
+    async def sync(self, state: RegistryState) -> dict[str, Any]:
+        result = await self.replica.sync(state)
         self._refresh_gauges()
         return result
 
