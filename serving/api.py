@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ from serving.backend import ClipBackend, ExpertAdmin, LMBackend, MetricsHook, Nu
 from serving.errors import (
     ModelNotFound,
     NotFound,
+    Overloaded,
     PayloadTooLarge,
     Unauthorized,
     UnsupportedMedia,
@@ -56,7 +58,12 @@ class ApiSettings:
     # /v1/completions carries text and token ids only: 16 prompts of a full 8k context fit
     # with room to spare, and a huge body is refused before it is read or parsed.
     max_completion_body_bytes: int = 8 * 1024 * 1024
+    max_prompt_chars_per_token: int = 32  # text prompts: max_context x this, before tokenising
     request_timeout_s: float = 300.0  # past it: 504 (or an SSE error event once streaming)
+    # Completions in flight through this app (None: unbounded). Past it a request is refused
+    # with a 503 as it arrives, before its body is read: the model replicas' own queues
+    # would refuse it too, but only after parsing, tokenising and a trip through Ray.
+    max_inflight_completions: int | None = None
     served_model_names: tuple[str, ...] = ()  # public LM names; default (lm.model_name,)
 
     def limits(self) -> Limits:
@@ -73,6 +80,7 @@ class AppState:
     settings: ApiSettings
     metrics: MetricsHook = field(default_factory=NullMetrics)
     params_cls: Any = None  # mora_runtime.engine.SamplingParams (or a test double)
+    _inflight: int = field(default=0, init=False)  # completions admitted, not yet closed
 
     @property
     def lm_names(self) -> tuple[str, ...]:
@@ -83,6 +91,25 @@ class AppState:
     @property
     def model_names(self) -> tuple[str, ...]:
         return self.lm_names + ((self.clip.model_name,) if self.clip is not None else ())
+
+    def admit_completion(self) -> Callable[[], None]:
+        """Count one completion in flight, or refuse it (503) when the bound is reached;
+        returns the idempotent release."""
+        limit = self.settings.max_inflight_completions
+        if limit is not None and self._inflight >= limit:
+            raise Overloaded(
+                f"The server is at capacity ({limit} completions in flight); retry shortly."
+            )
+        self._inflight += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._inflight -= 1
+
+        return release
 
     def resolve_lm(self, model: str) -> LMBackend:
         if self.lm is None or model not in self.lm_names:

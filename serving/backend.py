@@ -46,13 +46,14 @@ class LMBackend(Protocol):
     """A causal LM behind the engine.
 
     `detokenize` is called about twice per streamed token (incremental detokenisation) and
-    once per logprob entry, so implement it locally, not as a remote call. An optional
-    `vocab_size: int` attribute, when present, lets the app refuse out-of-range prompt token
-    ids with a 400 before they reach the engine.
+    once per logprob entry, so implement it locally, not as a remote call. The app refuses
+    prompts over `max_context` and token ids at or past `vocab_size` with a 400 before they
+    reach the engine.
     """
 
     model_name: str
     max_context: int
+    vocab_size: int
 
     async def tokenize(self, text: str) -> list[int]: ...
 

@@ -77,6 +77,14 @@ class LimitSettings(_Strict):
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     # /v1/completions only (text and token ids; images and uploads use max_body_bytes)
     max_completion_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    # A text prompt longer than the context times this is refused before it is tokenised:
+    # no tokenizer packs that many characters into one token on real text, and tokenising
+    # a megabyte-scale prompt only to find it over the context costs seconds of CPU.
+    max_prompt_chars_per_token: int = Field(32, ge=1)
+    # Completions in flight at the ingress before new ones are refused (503) on arrival.
+    # None: what the LM replicas admit, replicas x (max_ongoing + max_queued requests); set
+    # it when autoscaling changes the replica count.
+    max_inflight_completions: int | None = Field(None, ge=1)
     request_timeout_s: float = Field(300.0, gt=0)
 
 

@@ -162,6 +162,8 @@ class LMServer(_ReplicaBase):
         self.info = {
             "model_dir": str(lm.model_dir),
             "max_context": lm.max_context,
+            # The edge refuses ids at or past it before they reach the engine.
+            "vocab_size": self.engine.vocab_size,
             "weights": lm.weights,
         }
         logger.info("LM replica %s ready: %s", self.replica.replica_id, lm.model_dir)

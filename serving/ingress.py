@@ -65,11 +65,14 @@ def lost_error(what: str) -> ServiceUnavailable:
 class RayLMBackend:
     """`LMBackend` over the LM deployment's handle."""
 
-    def __init__(self, handle: Any, tokenizer: Any, model_name: str, max_context: int) -> None:
+    def __init__(
+        self, handle: Any, tokenizer: Any, model_name: str, max_context: int, vocab_size: int
+    ) -> None:
         self.handle = handle.options(stream=True)
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_context = max_context
+        self.vocab_size = vocab_size
 
     async def tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer(text)["input_ids"])
@@ -152,6 +155,15 @@ class RayClipBackend:
         raise lost_error("CLIP")
 
 
+def inflight_bound(cfg: ServerConfig) -> int | None:
+    """Completions the ingress lets in at once: what the LM replicas can run or queue."""
+    if cfg.limits.max_inflight_completions is not None:
+        return cfg.limits.max_inflight_completions
+    if cfg.lm.max_queued_requests < 0:  # Ray's queue is unbounded: so is ours
+        return None
+    return cfg.lm.replicas * (cfg.lm.max_ongoing_requests + cfg.lm.max_queued_requests)
+
+
 def api_settings(cfg: ServerConfig) -> ApiSettings:
     limits = cfg.limits
     return ApiSettings(
@@ -164,6 +176,8 @@ def api_settings(cfg: ServerConfig) -> ApiSettings:
         max_image_pixels=limits.max_image_pixels,
         max_body_bytes=limits.max_body_bytes,
         max_completion_body_bytes=limits.max_completion_body_bytes,
+        max_prompt_chars_per_token=limits.max_prompt_chars_per_token,
+        max_inflight_completions=inflight_bound(cfg),
         request_timeout_s=limits.request_timeout_s,
         served_model_names=(cfg.lm.served_name,) if cfg.lm.enabled else (),
     )
@@ -183,7 +197,9 @@ class MoraIngress:
             # The replica resolved the model (default or configured): ask it, don't guess.
             info = await lm_handle.model_info.remote()
             tokenizer = AutoTokenizer.from_pretrained(info["model_dir"], local_files_only=True)
-            self.lm = RayLMBackend(lm_handle, tokenizer, cfg.lm.served_name, info["max_context"])
+            self.lm = RayLMBackend(
+                lm_handle, tokenizer, cfg.lm.served_name, info["max_context"], info["vocab_size"]
+            )
             handles["causal_lm"] = lm_handle
         if clip_handle is not None:
             self.clip = RayClipBackend(clip_handle, cfg.clip.served_name)

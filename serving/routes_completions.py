@@ -57,10 +57,16 @@ def router(state: AppState) -> APIRouter:
     )
     async def create_completion(request: Request) -> Response:
         state.require_api(request)
-        body = await state.read_json(request)
-        req = parse_request(CompletionRequest, body, state.settings.limits())
-        lm = state.resolve_lm(req.model)
-        job = await Completion.prepare(state, lm, req)
+        release = state.admit_completion()  # before any work: overload is refused at once
+        try:
+            body = await state.read_json(request)
+            req = parse_request(CompletionRequest, body, state.settings.limits())
+            lm = state.resolve_lm(req.model)
+            job = await Completion.prepare(state, lm, req)
+        except BaseException:
+            release()
+            raise
+        job.on_close = release  # however the request ends (Completion.close)
         return await (job.stream() if req.stream else job.run(request))
 
     return routes
@@ -239,11 +245,21 @@ class Completion:
         self.prompt_tokens = 0
         self._tasks: list[asyncio.Future[None]] = []
         self._reported = False
+        self.on_close: Callable[[], None] | None = None  # e.g. the admission's release
 
     @classmethod
     async def prepare(cls, state: AppState, lm: LMBackend, req: CompletionRequest) -> Completion:
         job = cls(state, lm, req)
         prompts = req.prompts()
+        max_chars = lm.max_context * state.settings.max_prompt_chars_per_token
+        for p, prompt in enumerate(prompts):
+            if isinstance(prompt, str) and len(prompt) > max_chars:
+                raise BadRequest(
+                    f"The prompt has {len(prompt)} characters; this model's context of "
+                    f"{lm.max_context} tokens admits at most {max_chars}. Please shorten it.",
+                    param="prompt" if len(prompts) == 1 else f"prompt[{p}]",
+                    code="context_length_exceeded",
+                )
         ids = await asyncio.gather(*(job._ids(prompt) for prompt in prompts))
         for p, prompt_ids in enumerate(ids):
             job._check(prompt_ids, p if len(prompts) > 1 else None)
@@ -268,8 +284,8 @@ class Completion:
         param = "prompt" if index is None else f"prompt[{index}]"
         if not ids:
             raise BadRequest("The prompt must contain at least one token.", param=param)
-        vocab = getattr(self.lm, "vocab_size", None)
-        if vocab is not None and max(ids) >= vocab:
+        vocab = self.lm.vocab_size
+        if max(ids) >= vocab:
             raise BadRequest(f"Token ids must be below the vocabulary size {vocab}.", param=param)
         max_tokens = max(self.req.max_tokens if self.req.max_tokens is not None else 16, 1)
         if len(ids) + max_tokens > self.lm.max_context:
@@ -282,10 +298,14 @@ class Completion:
     async def close(self) -> None:
         """Cancel the stream's pumps, close every backend iterator and report the tokens
         generated, however the request ended (idempotent)."""
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await asyncio.gather(*(choice.close() for choice in self.choices))
+        try:
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.gather(*(choice.close() for choice in self.choices))
+        finally:
+            if self.on_close is not None:
+                self.on_close()
         if not self._reported:
             self._reported = True
             self._report()

@@ -143,6 +143,29 @@ def test_context_overflow_is_a_400_naming_both_numbers(server) -> None:
     stream.close()
 
 
+def test_poison_token_ids_are_a_400_and_leave_concurrent_streams_intact(server) -> None:
+    """Ids outside the vocabulary are refused at the edge (the replica reports its vocab)
+    while 8 greedy streams run: those end with exactly their text of a quiet run."""
+
+    def stream(prompt: str) -> str:
+        chunks = server.openai().completions.create(
+            model=LM_NAME, prompt=prompt, max_tokens=24, temperature=0, stream=True
+        )
+        return "".join(chunk.choices[0].text for chunk in chunks)
+
+    quiet = [stream(prompt) for prompt in PROMPTS]
+    client = server.openai(max_retries=0)
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        streams = [pool.submit(stream, prompt) for prompt in PROMPTS]
+        for poison in ([999999999], [5, 2**31 - 1], [-1]):
+            started = time.perf_counter()
+            with pytest.raises(openai.BadRequestError) as caught:
+                client.completions.create(model=LM_NAME, prompt=poison, max_tokens=4)
+            logger.info("poison %s refused in %.3f s", poison, time.perf_counter() - started)
+            assert caught.value.status_code == 400
+        assert [s.result() for s in streams] == quiet
+
+
 def test_unknown_model_is_a_404(server) -> None:
     with pytest.raises(openai.NotFoundError) as caught:
         server.openai().completions.create(model="no-such-model", prompt="hi", max_tokens=2)

@@ -73,7 +73,9 @@ def no_wait(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def run_generate(handle: FakeHandle) -> list[fakes.TokenEvent]:
-    backend = ingress.RayLMBackend(handle, tokenizer=None, model_name="m", max_context=64)
+    backend = ingress.RayLMBackend(
+        handle, tokenizer=None, model_name="m", max_context=64, vocab_size=128
+    )
 
     async def collect() -> list[fakes.TokenEvent]:
         params: Any = fakes.SamplingParams(max_tokens=2)
