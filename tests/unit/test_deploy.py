@@ -21,7 +21,12 @@ DASHBOARD = DEPLOY / "grafana" / "mora.json"
 CLUSTER_STORE = "/mnt/mora-experts"
 # Documented differences between serve.yaml and the RayService (see rayservice.yaml's header).
 CLUSTER_OVERRIDES = {"expert_store": CLUSTER_STORE}
-CLUSTER_RESOURCES = {"lm": {"num_cpus": 4}, "clip": {"num_cpus": 1}}
+# Per-section differences: cluster resources, and the ingress bound that autoscaling needs.
+CLUSTER_SECTIONS = {
+    "lm": {"num_cpus": 4},
+    "clip": {"num_cpus": 1},
+    "limits": {"max_inflight_completions": 640},
+}
 # Grafana's built-in variables, replaced the way Grafana would before Prometheus sees them.
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h"}
 
@@ -84,13 +89,13 @@ def test_rayservice_runs_the_same_application() -> None:
     for key in ("name", "import_path", "route_prefix"):
         assert cluster[key] == local[key]
     expected = {**local["args"], **CLUSTER_OVERRIDES}
-    for section, values in CLUSTER_RESOURCES.items():
+    for section, values in CLUSTER_SECTIONS.items():
         expected[section] = {**expected[section], **values}
     assert cluster["args"] == expected
     # Both validate to the same server config, apart from the documented overrides.
     a = config_from_mapping(serve_config()).model_dump()
     b = config_from_mapping(cluster_serve_config()).model_dump()
-    for section, values in CLUSTER_RESOURCES.items():
+    for section, values in CLUSTER_SECTIONS.items():
         a[section].update(values)
     assert {**a, **CLUSTER_OVERRIDES, "host": b["host"]} == b
 
