@@ -17,7 +17,7 @@ class PoolError(ValueError):
 
 @dataclass(frozen=True)
 class RoutingConfig:
-    """Pool-wide routing settings (MORA_SPEC.md: k, tau, delta)."""
+    """Pool-wide routing settings (docs/spec.md: k, tau, delta)."""
 
     top_k: int = 8
     tau: float = 0.03

@@ -1,4 +1,4 @@
-"""The expert-set file format: save, load and validate (DESIGN.md "Expert set on disk").
+"""The expert-set file format: save, load and validate (docs/spec.md, "Expert set on disk").
 
 An expert set is a directory holding two files:
     expert_set.safetensors  `<module path>.A` [r, D] and `<module path>.B` [r, O] per module

@@ -3,7 +3,7 @@
  * (mora_route.c, called through ctypes) and the torch extension (expert_layer.cpp, which
  * runs tokens in parallel). Plain C99, header-only (static inline), so both compile it.
  *
- * Semantics (MORA_SPEC.md steps 2-6, inference), for a token with raw scores z = A x:
+ * Semantics (docs/spec.md steps 2-6, inference), for a token with raw scores z = A x:
  *   visible   = slots i < N with visible[i] (NULL: all) and present[i] (NULL: all)
  *   s_i       = z_i / max(||z_visible||_2, 1e-12)
  *   kept      = the min(max(k, 2), N, |visible|) visible slots with the largest s
