@@ -282,8 +282,8 @@ def _contrastive_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 def _training_threads() -> int:
     """Intra-op threads for training: the cores that other processes leave free.
 
-    OpenMP threads that share a core with another busy process spin at every barrier; on 2
-    cores with one other busy process a training step ran ~10x slower with 2 threads than 1.
+    OpenMP threads that share a core with another busy process spin at every barrier, so a
+    thread on a busy core slows every step down far more than it adds.
     """
     cores = torch.get_num_threads()
     try:
@@ -457,7 +457,7 @@ def prepare_default_clip(force: bool = False, *, progress: bool = True) -> Path:
 
     Idempotent (a marker names the recipe; a matching marker skips the work) and atomic (built
     in a temporary sibling directory, renamed into place); a file lock makes concurrent callers
-    train only once. About 7.5 minutes at 1 thread (445 s measured, the other core busy).
+    train only once. It takes minutes on a CPU (docs/performance.md, Set-up cost).
     """
     target = default_clip_dir()
     summary: TrainSummary | None = None

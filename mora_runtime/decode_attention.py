@@ -3,10 +3,10 @@
 `install(model)` switches a model to `mora_cpu`: a forward with one query token per
 sequence (a decode step) on float32 CPU tensors goes to csrc/decode_attention.cpp, every
 other call (prefill, training with gradients, other devices and dtypes) to transformers'
-own SDPA path, with SDPA's masks. For 16 sequences of ~100 cached tokens torch's SDPA
-takes ~250-350 us per layer, mostly set-up for ~4 MFLOP; the kernel ~120 us (measured on
-this 2-core VM, 2 threads). Installed where int4 weights are
-(`lm.load_causal_lm`), so an engine and `generate` on the same model share the kernel.
+own SDPA path, with SDPA's masks. At one query token per sequence the arithmetic is tiny
+and torch's SDPA spends most of a call on set-up, which the kernel skips (figures in
+docs/performance.md). Installed where int4 weights are (`lm.load_causal_lm`), so an engine
+and `generate` on the same model share the kernel.
 
 Shape legend: B = sequences, H = query heads, KH = key/value heads, L = cached columns,
 d = head dim.

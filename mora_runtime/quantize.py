@@ -8,8 +8,8 @@ GGUF's grid and `Q8Linear` does the same for the output layer; re-quantising the
 copy finds the very same grid (each block's minimum maps to 0 and its maximum to 15, resp.
 +-127), with float32 scales, so the weights are exactly the GGUF's. Both keep them
 interleaved by groups of 8 output rows (`_to_groups`), the layout that lets the kernel
-compute 8 outputs per vector without horizontal sums: 1.5-2x faster than row-major GGUF
-blocks for the 16-token decode steps of this model (measured per layer shape, 2 threads).
+compute 8 outputs per vector without horizontal sums, faster than row-major GGUF blocks
+at decode sizes (docs/performance.md).
 
 The products run in csrc/quant_gemm.cpp: activations are quantised per block of 32 to 8
 bits on the fly and multiplied with integer dot products, as llama.cpp does for these
@@ -18,12 +18,11 @@ float32. `benchmarks/engine.py` measures what the 8-bit activations cost in accu
 
 The layers keep the float weight they were made from (the same tensor: no copy) for inputs
 with more than one position per row, a prompt's prefill: there the integer kernel is
-compute-bound and float32 GEMM is faster (2.2x for 16 prompts of 35 tokens here), while a
-decode step (one position per sequence) is bound by reading weights, where 4 bits win. The
-choice depends on the input's shape only, never on what else is in the batch, so a request
-gets the same arithmetic whatever it is batched with, and HF `generate` on the same model
-makes the same choice. The kernels need x86-64 with AVX2 and FMA; elsewhere, and on CUDA,
-models keep float weights.
+compute-bound and float32 GEMM is faster, while a decode step (one position per sequence) is
+bound by reading weights, where 4 bits win. The choice depends on the input's shape only,
+never on what else is in the batch, so a request gets the same arithmetic whatever it is
+batched with, and HF `generate` on the same model makes the same choice. The kernels need
+x86-64 with AVX2 and FMA; elsewhere, and on CUDA, models keep float weights.
 
 Shape legend: T = tokens, O = out features, K = in features, G = K / 32 blocks.
 """
