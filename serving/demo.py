@@ -10,7 +10,7 @@
    before and after to show `ray_mora_active_ranks_per_token` moving.
 6. Stop the server and delete the temporary files, whatever happened.
 
-Runs offline; about 4-6 minutes on 2 CPU cores (measured 3.6 min), most of it learning.
+Runs offline, in a few minutes on a CPU, most of it learning.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def run_demo(lm_steps: int, clip_steps: int, keep: bool) -> int:
             "metrics_port": metrics_port,
             "expert_store": str(store),
             "admin_token": ADMIN_TOKEN,
-            "lm": {"num_cpus": 0},  # 2 cores: the replicas share them
+            "lm": {"num_cpus": 0},  # no reservation: the replicas share the machine's cores
             "clip": {"num_cpus": 0},
         }
     ).resolved()

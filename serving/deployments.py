@@ -186,9 +186,7 @@ class LMServer(_ReplicaBase):
         the first token surface at once), then, with `stream`, whatever the engine has made
         since the last item, else all the rest in one list at the end. Every item crosses
         Ray as its own message, which costs both processes far more than the event itself
-        (measured at 16 concurrent non-streaming requests: the ingress spent 2.3 s of CPU per
-        ~2000 tokens with one message per token, 0.7 s with lists, and throughput rose by
-        about a third on these 2 cores). Errors the client caused come back as one
+        (docs/performance.md has what lists saved). Errors the client caused come back as one
         `{"error": kind, "message": ...}` item, so they cross Ray without a traceback."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()

@@ -10,7 +10,7 @@ pytest run never starts two Ray instances.
 The tiny LM is the fixture Llama of tests/conftest.py with two changes that keep its weights'
 fingerprint: a 32k context and an end-of-sequence logit pinned to 0 (lm_head row zeroed),
 so greedy streams run exactly `max_tokens` tokens and a stream can last as long as a test
-needs. Timings are logged, never asserted: this machine is shared and drifts.
+needs. Timings are logged, never asserted: test machines are shared and drift.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ class ServeCluster:
             "metrics_port": self.metrics_port,
             "expert_store": str(self.store(store)),
             "admin_token": ADMIN_TOKEN,
-            "lm": {"num_cpus": 0},  # 2 cores: the ingress reserves one, replicas share
+            "lm": {"num_cpus": 0},  # the ingress reserves a CPU; the replicas share the rest
             "clip": {"num_cpus": 0},
         }
         return ServerConfig.model_validate(_merge(base, fields)).resolved()
@@ -424,7 +424,7 @@ def main_config(cluster, tiny_lm_dir, tiny_clip_dir) -> ServerConfig:
             "model_dir": str(tiny_lm_dir),
             "served_name": LM_NAME,
             "replicas": 2,
-            "torch_threads": 1,  # two replicas on two cores; tiny matmuls gain nothing more
+            "torch_threads": 1,  # two replicas share the cores; tiny matmuls gain nothing more
         },
         clip={"model_dir": str(tiny_clip_dir), "served_name": CLIP_NAME},
     )

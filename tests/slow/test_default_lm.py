@@ -1,8 +1,8 @@
 """The real default model: SmolLM2-135M-Instruct from the bundled GGUF, fully offline.
 
 Uses the cache named by MORA_CACHE (`make test` prepares it first); the first run here
-converts the GGUF (~20 s). tests/conftest.py sets HF_HUB_OFFLINE=1 and every load is
-local_files_only. Timings are logged, never asserted (this VM drifts 2x).
+converts the GGUF. tests/conftest.py sets HF_HUB_OFFLINE=1 and every load is
+local_files_only. Timings are logged, never asserted (shared machines drift).
 """
 
 from __future__ import annotations

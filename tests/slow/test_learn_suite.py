@@ -1,6 +1,6 @@
 """End to end on the real default models, with tiny step counts: `mora eval` for both suites
 and `mora learn` from exported task data. Checks shapes and invariants, never accuracies
-(a few steps learn little, and this machine's timings drift)."""
+(a few steps learn little, and timings drift on shared machines)."""
 
 from __future__ import annotations
 
