@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("zero-shot", "seq-lora", "lora-oracle", "mora")
 SUITES = ("lm", "clip")
-# Defaults sized for ~10-20 minutes per suite on 2 CPU cores (see the README of results).
+# Defaults sized so that a whole suite runs in minutes on a CPU (run times: docs/evaluation.md).
 SUITE_DEFAULTS: dict[str, LearnConfig] = {
     "lm": LM_DEFAULTS.with_overrides(steps=40, batch_size=8, lr=2e-3),
     # lr 2e-3: at the spec's 5e-4, 150 steps leave even the per-task oracle near chance on the

@@ -1,7 +1,7 @@
 """The default CLIP: trained once offline on the bundled base domain, cached, reloadable.
 
-Uses the cache named by MORA_CACHE (`make test` prepares it first); a cold cache trains here
-(about 7.5 minutes at 1 thread). Accuracies and timings are logged; only "clearly above chance" is
+Uses the cache named by MORA_CACHE (`make test` prepares it first); a cold cache trains here,
+which takes minutes. Accuracies and timings are logged; only "clearly above chance" is
 asserted.
 """
 
