@@ -10,16 +10,21 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving import routes_classify, routes_completions, routes_experts
 from serving.backend import ClipBackend, ExpertAdmin, LMBackend, MetricsHook, NullMetrics
 from serving.errors import (
+    INVALID_REQUEST,
+    ApiError,
     ModelNotFound,
     NotFound,
     Overloaded,
@@ -243,7 +248,10 @@ def create_app(
     app = FastAPI(title="MoRA Serve", version="0.1.0")
     app.state.mora = state
     install_error_handlers(app)
-    install_openapi(app, [CompletionRequest, ClassifyRequest, ExpertLoadRequest])
+    app.add_exception_handler(405, _method_not_allowed(app))
+    install_openapi(
+        app, [CompletionRequest, ClassifyRequest, ExpertLoadRequest], _document_limits(state)
+    )
     app.add_middleware(
         BodyLimit,
         max_bytes=settings.max_body_bytes,
@@ -270,3 +278,61 @@ def _misc_router(state: AppState) -> APIRouter:
         return {"status": "ok", "models": list(state.model_names)}
 
     return routes
+
+
+def _method_not_allowed(app: FastAPI) -> Callable[[Request, Exception], Any]:
+    """Starlette's 405 names the methods of the first route on the path only; `Allow` must
+    name every method the path serves (RFC 9110), and several routes share a path here."""
+
+    async def handler(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, HTTPException)
+        methods = {
+            method
+            for route in app.router.routes
+            if route.matches(request.scope)[0] != Match.NONE
+            for method in getattr(route, "methods", None) or ()
+        }
+        error = ApiError(f"Method {request.method} is not allowed here.").body()
+        error["error"]["type"] = INVALID_REQUEST
+        return JSONResponse(error, status_code=405, headers={"Allow": ", ".join(sorted(methods))})
+
+    return handler
+
+
+def _typed(schema: dict[str, Any], kind: str) -> Iterator[dict[str, Any]]:
+    """`schema`, or those of its `anyOf` branches, of JSON type `kind`."""
+    for branch in schema.get("anyOf", [schema]):
+        if branch.get("type") == kind:
+            yield branch
+
+
+def _document_limits(state: AppState) -> Callable[[dict[str, Any]], None]:
+    """The server's limits, which the handlers enforce, written into the request schemas."""
+    settings = state.settings
+
+    def document(openapi: dict[str, Any]) -> None:
+        schemas = openapi["components"]["schemas"]
+        completion = schemas["CompletionRequest"]["properties"]
+        completion["n"]["maximum"] = settings.max_n
+        for branch in _typed(completion["prompt"], "array"):
+            if branch["items"].get("type") != "integer":  # a list of prompts, not of ids
+                branch["maxItems"] = settings.max_prompts
+        if state.lm is not None:  # text prompts are refused past this before tokenising
+            max_chars = state.lm.max_context * settings.max_prompt_chars_per_token
+            for branch in _typed(completion["prompt"], "string"):
+                branch["maxLength"] = max_chars
+            for branch in _typed(completion["prompt"], "array"):
+                for item in _typed(branch["items"], "string"):
+                    item["maxLength"] = max_chars
+        for branch in _typed(schemas["MoraOptions"]["properties"]["top_k"], "integer"):
+            branch["maximum"] = settings.max_top_k
+        classify = schemas["ClassifyRequest"]["properties"]
+        form = openapi["paths"]["/classify"]["post"]["requestBody"]["content"]
+        form = form["multipart/form-data"]["schema"]["properties"]
+        for images in (classify["images"], form["images"]):
+            images["maxItems"] = settings.max_images
+        for labels in (*_typed(classify["labels"], "array"), form["labels"]):
+            labels["maxItems"] = settings.max_labels
+            labels["items"]["maxLength"] = settings.max_label_chars
+
+    return document

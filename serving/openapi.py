@@ -8,6 +8,8 @@ document's components.
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI
@@ -15,6 +17,70 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
 REF = "#/components/schemas/{model}"
+
+# Request-field schemas for protocol.py (`WithJsonSchema`: they change the document, never
+# validation). Each says what the field's validator enforces, so that every schema-valid
+# request parses; server limits (n, top_k, prompts, images, labels) are added by the app.
+_TEXT = {"type": "string", "minLength": 1}
+_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+PROMPT = {
+    "anyOf": [
+        _TEXT,
+        {"type": "array", "items": _TEXT, "minItems": 1},
+        _IDS,
+        {"type": "array", "items": _IDS, "minItems": 1},
+    ]
+}
+
+
+def stop(max_stops: int) -> dict[str, Any]:
+    return {
+        "anyOf": [
+            _TEXT,
+            {"type": "array", "items": _TEXT, "maxItems": max_stops},
+            {"type": "null"},
+        ]
+    }
+
+
+# best_of == n cannot be said in JSON Schema: null is the value that always works.
+BEST_OF = {"type": "null", "description": "Only null, or a value equal to `n`."}
+SUFFIX = {"type": "null", "description": "Not supported: only null."}
+LOGIT_BIAS = {
+    "anyOf": [{"type": "object", "maxProperties": 0}, {"type": "null"}],
+    "description": "Not supported: only an empty object.",
+}
+# max_tokens 0 needs echo; stream_options needs stream (each as "this, or else that": a
+# generator handles that better than if/then, which needs a `not`).
+COMPLETION_RULES = {
+    "allOf": [
+        {
+            "anyOf": [
+                {"required": ["echo"], "properties": {"echo": {"const": True}}},
+                {"properties": {"max_tokens": {"anyOf": [{"minimum": 1}, {"type": "null"}]}}},
+            ]
+        },
+        {
+            "anyOf": [
+                {"required": ["stream"], "properties": {"stream": {"const": True}}},
+                {"properties": {"stream_options": {"type": "null"}}},
+            ]
+        },
+    ]
+}
+LABELS = {  # non-blank and unique, as routes_classify checks them
+    "anyOf": [
+        {
+            "type": "array",
+            "items": {"type": "string", "minLength": 1, "pattern": r"\S"},
+            "minItems": 1,
+            "uniqueItems": True,
+        },
+        {"type": "null"},
+    ]
+}
+# Relative to the expert store: no leading / \ or ~, no drive letter, no `..`, no NUL.
+STORE_PATH = r"^(?![/\\~])(?![\s\S]:)(?![\s\S]*(?:^|[/\\])\.\.(?:[/\\]|$))[^\x00]*$"
 
 _DESCRIPTIONS = {
     400: "Invalid request (OpenAI error body; `param` names the field)",
@@ -61,8 +127,13 @@ def json_body(*models: type[BaseModel], multipart: dict[str, Any] | None = None)
     return {"requestBody": {"required": True, "content": content}}
 
 
-def install_openapi(app: FastAPI, request_models: list[type[BaseModel]]) -> None:
-    """Generate the document once, with `request_models` (and their $defs) as components."""
+def install_openapi(
+    app: FastAPI,
+    request_models: list[type[BaseModel]],
+    limits: Callable[[dict[str, Any]], None] | None = None,
+) -> None:
+    """Generate the document once, with `request_models` (and their $defs) as components;
+    `limits` then writes the server's limits into the document."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -72,7 +143,13 @@ def install_openapi(app: FastAPI, request_models: list[type[BaseModel]]) -> None
                 schema = model.model_json_schema(ref_template=REF)
                 schemas.update(schema.pop("$defs", {}))
                 schemas[model.__name__] = schema
+            # Its pieces may be shared (the constants above, routes' multipart schemas):
+            # this app's limits are written into its own copy.
+            document = copy.deepcopy(document)
             _drop_fastapi_validation(document)
+            _override_parameters(document)
+            if limits is not None:
+                limits(document)
             app.openapi_schema = document
         return app.openapi_schema
 
@@ -91,3 +168,16 @@ def _drop_fastapi_validation(document: dict[str, Any]) -> None:
     schemas = document.get("components", {}).get("schemas", {})
     for name in ("HTTPValidationError", "ValidationError"):
         schemas.pop(name, None)
+
+
+def _override_parameters(document: dict[str, Any]) -> None:
+    """A parameter in a route's `openapi_extra` replaces the one FastAPI generated with the
+    same name and location (FastAPI appends both): the handler's own checks (after the
+    token check) are documented without validating the parameter before them."""
+    for item in document.get("paths", {}).values():
+        for operation in item.values():
+            merged: dict[tuple[str, str], dict[str, Any]] = {}
+            for parameter in operation.get("parameters", []):
+                merged[(parameter["in"], parameter["name"])] = parameter
+            if merged:
+                operation["parameters"] = list(merged.values())

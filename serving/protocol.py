@@ -12,13 +12,14 @@ import logging
 import posixpath
 import time
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, WithJsonSchema
 from pydantic import field_validator as validates
 from pydantic_core import PydanticCustomError
 
 from mora_runtime.stats import SequenceRouting
+from serving import openapi
 from serving.backend import MoraOverrides
 from serving.errors import validation_error
 
@@ -45,6 +46,12 @@ class Limits:
 
 def _invalid(message: str) -> PydanticCustomError:
     return PydanticCustomError("invalid_value", message)
+
+
+def _whole(value: Any) -> Any:
+    """JSON has one number type: 2.0 is the integer 2 (JSON Schema says so too), 2.5 is not.
+    Integer fields stay strict otherwise (no "2", no true)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def _limits(info: ValidationInfo) -> Limits:
@@ -80,6 +87,8 @@ class MoraOptions(_Closed):
     top_k: int | None = Field(None, ge=1)
     threshold: float | None = Field(None, ge=0.0, le=1.0)
 
+    _whole_top_k = validates("top_k", mode="before")(_whole)
+
     @validates("top_k")
     @classmethod
     def _top_k_limit(cls, value: int | None, info: ValidationInfo) -> int | None:
@@ -97,20 +106,25 @@ class StreamOptions(_Request):
 
 
 Prompt = str | list[str] | list[int] | list[list[int]]
+Stop = str | list[str] | None
 
 
 class CompletionRequest(_Request):
     """OpenAI `POST /v1/completions` (legacy completions) plus the `mora` extension."""
 
+    # The documented schemas (`WithJsonSchema(openapi.X)`, rules across fields) say what the
+    # validators below enforce; validation itself is unchanged by them.
+    model_config = ConfigDict(json_schema_extra=openapi.COMPLETION_RULES)
+
     model: str
-    prompt: Prompt
+    prompt: Annotated[Prompt, WithJsonSchema(openapi.PROMPT)]
     echo: bool = False
     max_tokens: int | None = Field(16, ge=0)
     temperature: float | None = Field(1.0, ge=0.0, le=2.0)
     top_p: float | None = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1)
-    best_of: int | None = None
-    stop: str | list[str] | None = None
+    best_of: Annotated[int | None, WithJsonSchema(openapi.BEST_OF)] = None
+    stop: Annotated[Stop, WithJsonSchema(openapi.stop(MAX_STOP_SEQUENCES))] = None
     seed: int | None = Field(None, ge=-INT64, lt=INT64)
     presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
@@ -118,13 +132,20 @@ class CompletionRequest(_Request):
     user: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    suffix: str | None = None
-    logit_bias: dict[str, float] | None = None
+    suffix: Annotated[str | None, WithJsonSchema(openapi.SUFFIX)] = None
+    logit_bias: Annotated[dict[str, float] | None, WithJsonSchema(openapi.LOGIT_BIAS)] = None
     mora: MoraOptions | None = None
+
+    _whole_numbers = validates("max_tokens", "n", "best_of", "seed", "logprobs", mode="before")(
+        _whole
+    )
 
     @validates("prompt", mode="before")
     @classmethod
     def _prompt_shape(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, list):  # token ids written as whole floats are ids
+            value = [[_whole(i) for i in v] if isinstance(v, list) else _whole(v) for v in value]
+
         def is_ids(item: Any) -> bool:
             return isinstance(item, list) and all(
                 isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in item
@@ -335,9 +356,11 @@ class ClassifyRequest(_Request):
 
     model: str | None = None
     images: list[str] = Field(min_length=1)
-    labels: list[str] | None = None
+    labels: Annotated[list[str] | None, WithJsonSchema(openapi.LABELS)] = None
     top_k: int | None = Field(None, ge=1)
     mora: MoraOptions | None = None
+
+    _whole_top_k = validates("top_k", mode="before")(_whole)
 
 
 class LabelScore(BaseModel):
@@ -362,7 +385,9 @@ class ClassifyResponse(BaseModel):
 class ExpertLoadRequest(_Closed):
     """`POST /v1/experts` as JSON: load the set at `path`, relative to the expert store."""
 
-    path: str = Field(min_length=1, max_length=1024)
+    path: str = Field(
+        min_length=1, max_length=1024, json_schema_extra={"pattern": openapi.STORE_PATH}
+    )
     model: str | None = None
 
     @validates("path")

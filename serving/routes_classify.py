@@ -51,6 +51,7 @@ _MULTIPART = {
         "model": {"type": "string"},
         "mora": {"type": "string", "description": "MoraOptions as a JSON object"},
     },
+    "additionalProperties": False,  # a few more fields pass unread; past that, a 400
 }
 
 

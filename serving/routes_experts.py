@@ -29,7 +29,14 @@ _MULTIPART = {
     "type": "object",
     "required": ["file"],
     "properties": {"file": {"type": "string", "format": "binary"}, "model": {"type": "string"}},
+    "additionalProperties": False,  # a few more fields pass unread; past that, a 400
 }
+_NAME = {"type": "string", "minLength": 1, "maxLength": MAX_NAME_CHARS}
+
+
+def _name_in(location: str) -> dict:
+    """`openapi_extra` documenting the `name` parameter as `retire` checks it."""
+    return {"parameters": [{"name": "name", "in": location, "required": True, "schema": _NAME}]}
 
 
 def router(state: AppState) -> APIRouter:
@@ -80,11 +87,21 @@ def router(state: AppState) -> APIRouter:
             raise BadRequest("Give the name of a loaded expert set.", param="name")
         return JSONResponse(jsonable_encoder(await backend.retire_set(name)))
 
-    @routes.delete("/v1/experts/{name}", response_model=None, responses=errors(400, 401, 404, 503))
+    @routes.delete(
+        "/v1/experts/{name}",
+        response_model=None,
+        responses=errors(400, 401, 404, 503),
+        openapi_extra=_name_in("path"),
+    )
     async def retire_by_path(request: Request, name: str) -> JSONResponse:
         return await retire(request, name)
 
-    @routes.delete("/v1/experts", response_model=None, responses=errors(400, 401, 404, 503))
+    @routes.delete(
+        "/v1/experts",
+        response_model=None,
+        responses=errors(400, 401, 404, 503),
+        openapi_extra=_name_in("query"),
+    )
     async def retire_by_query(request: Request) -> JSONResponse:
         return await retire(request, request.query_params.get("name", ""))
 
