@@ -82,8 +82,8 @@ class LimitSettings(_Strict):
     # a megabyte-scale prompt only to find it over the context costs seconds of CPU.
     max_prompt_chars_per_token: int = Field(32, ge=1)
     # Completions in flight at the ingress before new ones are refused (503) on arrival.
-    # None: what the LM replicas admit, replicas x (max_ongoing + max_queued requests); set
-    # it when autoscaling changes the replica count.
+    # None: what the LM replicas admit, replicas x the smaller of (max_ongoing + max_queued
+    # requests) and the engine's (max_running + max_waiting); set it when autoscaling.
     max_inflight_completions: int | None = Field(None, ge=1)
     request_timeout_s: float = Field(300.0, gt=0)
 

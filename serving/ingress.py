@@ -156,12 +156,15 @@ class RayClipBackend:
 
 
 def inflight_bound(cfg: ServerConfig) -> int | None:
-    """Completions the ingress lets in at once: what the LM replicas can run or queue."""
+    """Completions the ingress lets in at once: what the LM replicas can run or queue, the
+    smaller of Ray's bound (ongoing + queued calls) and the engine's (running + waiting)."""
     if cfg.limits.max_inflight_completions is not None:
         return cfg.limits.max_inflight_completions
-    if cfg.lm.max_queued_requests < 0:  # Ray's queue is unbounded: so is ours
-        return None
-    return cfg.lm.replicas * (cfg.lm.max_ongoing_requests + cfg.lm.max_queued_requests)
+    lm = cfg.lm
+    per_replica = lm.max_running + lm.max_waiting
+    if lm.max_queued_requests >= 0:  # -1: Ray's queue is unbounded
+        per_replica = min(per_replica, lm.max_ongoing_requests + lm.max_queued_requests)
+    return lm.replicas * per_replica
 
 
 def api_settings(cfg: ServerConfig) -> ApiSettings:

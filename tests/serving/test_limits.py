@@ -147,3 +147,17 @@ def test_refused_and_failed_completions_give_their_slot_back() -> None:
         for stream in (False, True):
             body = {"model": lm.model_name, "prompt": "hi", "max_tokens": 3, "stream": stream}
             assert client.post("/v1/completions", json=body).status_code == 200
+
+
+def test_the_inflight_bound_is_what_the_lm_replicas_admit() -> None:
+    from serving.config import ServerConfig
+    from serving.ingress import inflight_bound
+
+    def bound(lm: dict[str, Any], **limits: Any) -> int | None:
+        return inflight_bound(ServerConfig.model_validate({"lm": lm, "limits": limits}))
+
+    engine = {"max_running": 8, "max_waiting": 10}
+    assert bound(engine | {"max_ongoing_requests": 96, "max_queued_requests": 64}) == 18
+    assert bound(engine | {"max_ongoing_requests": 4, "max_queued_requests": 2}) == 6
+    assert bound(engine | {"max_queued_requests": -1, "replicas": 3}) == 54
+    assert bound(engine, max_inflight_completions=500) == 500

@@ -25,7 +25,7 @@ CLUSTER_OVERRIDES = {"expert_store": CLUSTER_STORE}
 CLUSTER_SECTIONS = {
     "lm": {"num_cpus": 4},
     "clip": {"num_cpus": 1},
-    "limits": {"max_inflight_completions": 640},
+    "limits": {"max_inflight_completions": 384},
 }
 # Grafana's built-in variables, replaced the way Grafana would before Prometheus sees them.
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h"}
