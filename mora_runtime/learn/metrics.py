@@ -9,6 +9,13 @@ learned in order (a T x T matrix):
 - Last:     mean of the last row (after the final task).
 - BWT:      mean drop of a task from just after learning it to the end,
             mean over j < T-1 of R[j][j] - R[T-1][j]; positive means forgetting.
+
+Against the frozen base's matrix Z (the `zero-shot` method, scored in the same label space at
+every stage, so Z[i][j] is what R[i][j] would be without learning anything):
+
+- Gain kept: per task j < T-1, (R[T-1][j] - Z[T-1][j]) / (R[j][j] - Z[j][j]) in %, the share
+  of what learning the task added over the base that is still there at the end. n/a when the
+  learned gain is under `MIN_GAIN` points; the mean is over the tasks where it is defined.
 """
 
 from __future__ import annotations
@@ -68,6 +75,49 @@ def backward_transfer(matrix: Matrix) -> float | None:
     if t < 2:
         return None
     return _mean([matrix[j][j] - matrix[t - 1][j] for j in range(t - 1)])
+
+
+# Below this learned gain (points) a task's "gain kept" is n/a: on the built-in suites' test
+# sets a few points are a handful of examples, and a ratio of two such small differences is
+# noise (or a division by ~0), not a share.
+MIN_GAIN = 5.0
+
+
+@dataclass(frozen=True)
+class GainKept:
+    """Per task j < T-1 (in order) the % of its learned gain kept at the end, or None (n/a)."""
+
+    per_task: tuple[float | None, ...]
+    mean: float | None  # over the tasks with a value; None when there is none
+
+    def as_dict(self, tasks: Sequence[str]) -> dict[str, object]:
+        return {
+            "per_task": {
+                task: (None if v is None else round(v, 2))
+                for task, v in zip(tasks, self.per_task, strict=False)
+            },
+            "mean": None if self.mean is None else round(self.mean, 2),
+        }
+
+
+def gain_kept(matrix: Matrix, zero_shot: Matrix, *, min_gain: float = MIN_GAIN) -> GainKept:
+    """Share (%) of each task's gain over the frozen base kept after the last task.
+
+    `zero_shot` is the base's T x T matrix in the same label spaces; a gain under `min_gain`
+    points just after learning gives None. Values above 100 (the task improved later) and
+    below 0 (it ended under the base) are kept as they are."""
+    t = check_matrix(matrix)
+    if check_matrix(zero_shot) != t:
+        raise ValueError("the zero-shot matrix must have the same shape as the matrix")
+    if not min_gain > 0:
+        raise ValueError(f"min_gain must be positive, got {min_gain}")
+    kept: list[float | None] = []
+    for j in range(t - 1):
+        learned = matrix[j][j] - zero_shot[j][j]
+        end = matrix[t - 1][j] - zero_shot[t - 1][j]
+        kept.append(100.0 * end / learned if learned >= min_gain else None)
+    values = [v for v in kept if v is not None]
+    return GainKept(tuple(kept), _mean(values) if values else None)
 
 
 def continual_metrics(matrix: Matrix) -> ContinualMetrics:
