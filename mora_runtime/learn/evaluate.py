@@ -232,9 +232,12 @@ class EvalOptions:
     out_dir: Path = Path("benchmarks/results")
     progress: bool = True
     threads: int | None = None  # intra-op threads; None: the cores other processes leave free
+    clip_logit_scale: float | None = None  # CLIP task-loss logit scale; None: the model's
 
 
 def build_harness(options: EvalOptions) -> Harness:
+    if options.clip_logit_scale is not None and options.suite != "clip":
+        raise ValueError("clip_logit_scale applies to the clip suite only")
     if options.suite == "lm":
         from .harness_lm import LMHarness
         from .suites_lm import DEFAULT_TASKS, TEST_SIZE
@@ -258,6 +261,7 @@ def build_harness(options: EvalOptions) -> Harness:
             train_per_class=options.train_size or SUITE_TRAIN_SIZE["clip"],
             test_per_class=options.test_size,
             progress=options.progress,
+            task_logit_scale=options.clip_logit_scale,
         )
     raise ValueError(f"unknown suite {options.suite!r}; choose from {', '.join(SUITES)}")
 
@@ -288,6 +292,7 @@ def _run_suite(options: EvalOptions, threads: int) -> dict[str, Any]:
         "methods": {name: run.to_dict() for name, run in runs.items()},
         "probe_task": getattr(harness, "probe_name", None),
         "label_spaces": getattr(harness, "label_spaces", None),
+        "task_logit_scale": getattr(harness, "task_logit_scale", None),
         "environment": {
             "torch": torch.__version__,
             "threads": threads,

@@ -4,7 +4,8 @@ Two copies of the base CLIP: one patched with the MoRA pool (one set per learned
 unpatched that carries the LoRA baselines as hooks (hooks off: the frozen zero-shot base).
 Every evaluation ranks the union of the base labels and the class names learned so far (plus
 the evaluated domain's own when it is not learned yet, see `suites_clip.label_space`), exactly
-as the server ranks its default label set.
+as the server ranks its default label set. `task_logit_scale` sets the logit scale every
+method's task loss trains with (None: the base model's own; see `objectives.training_logit_scale`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from . import suites_clip
 from .data import ImageDataset
 from .learn_task import learn_clip
 from .lora_baseline import LoRA
-from .objectives import ClipObjective
+from .objectives import ClipObjective, training_logit_scale
 from .results import TaskResult, routing_result
 from .trainer import LearnConfig, TrainLog, add_to_pool, optimize
 
@@ -45,10 +46,14 @@ class ClipHarness:
         train_per_class: int | None = None,
         test_per_class: int | None = None,
         progress: bool = True,
+        task_logit_scale: float | None = None,
     ) -> None:
         from mora_runtime.clip import ClipClassifier
         from mora_runtime.clip_default import load_clip
 
+        if task_logit_scale is not None and not task_logit_scale > 0:
+            raise ValueError(f"the task logit scale must be positive, got {task_logit_scale}")
+        self.task_logit_scale_override = task_logit_scale
         self.cfg = cfg
         self.progress = progress
         self.task_names = list(task_names)
@@ -76,15 +81,28 @@ class ClipHarness:
         }
         self.model_name = str(self.mora.clip.model_dir)
 
+    @property
+    def task_logit_scale(self) -> float:
+        """The logit scale the task losses train with."""
+        if self.task_logit_scale_override is not None:
+            return self.task_logit_scale_override
+        return round(self.mora.clip.model.logit_scale.exp().item(), 4)
+
     # ----------------------------------------------------------------------- learning
     def task_cfg(self, index: int) -> LearnConfig:
         return self.cfg.with_overrides(seed=self.cfg.seed + index)
 
     def learn_mora(self, index: int) -> dict:
         name = self.task_names[index]
-        expert_set = learn_clip(
-            self.mora, self.train[name], self.task_cfg(index), name=name, progress=self.progress
-        )
+        with training_logit_scale(self.mora.clip.model, self.task_logit_scale_override):
+            expert_set = learn_clip(
+                self.mora,
+                self.train[name],
+                self.task_cfg(index),
+                name=name,
+                progress=self.progress,
+                extra={"task_logit_scale": self.task_logit_scale},
+            )
         add_to_pool(self.pool, expert_set)
         self.mora.clear_cache()
         return dict(expert_set.meta.training)
@@ -96,9 +114,10 @@ class ClipHarness:
         objective = ClipObjective(
             self.base.clip, data, batch_size=cfg.batch_size, seed=cfg.seed, prompts=prompts
         )
-        log = optimize(
-            self.lora.parameters(), objective, cfg, desc=f"LoRA {name}", progress=self.progress
-        )
+        with training_logit_scale(self.base.clip.model, self.task_logit_scale_override):
+            log = optimize(
+                self.lora.parameters(), objective, cfg, desc=f"LoRA {name}", progress=self.progress
+            )
         self.base.clear_cache()
         return log
 

@@ -5,7 +5,9 @@
   server tokenises a completions prompt, the completion without special tokens.
 - CLIP: image->text cross-entropy over the current task's class-name prompts plus
   text->image cross-entropy over the batch's images, averaged. Earlier tasks' classes take
-  no part: their logits are masked out by never being computed.
+  no part: their logits are masked out by never being computed. The logits are cosines times
+  the base model's logit scale (the default CLIP's is capped at 5 in pre-training);
+  `training_logit_scale` trains with another one without changing what the model serves.
 
 Each objective is a callable `step -> loss` drawing its own seeded batches (shuffled epochs),
 so the trainer and the LoRA baselines run the same data in the same order.
@@ -15,7 +17,9 @@ Shape legend: b = batch, L = tokens per row, H = hidden size, M = completion tok
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,6 +152,29 @@ def clip_task_loss(logits: Tensor, labels: Tensor) -> Tensor:
 
 def _unit(x: Tensor) -> Tensor:
     return x / x.norm(dim=-1, keepdim=True)
+
+
+@contextlib.contextmanager
+def training_logit_scale(model: nn.Module, scale: float | None) -> Iterator[None]:
+    """Within the block, the CLIP `model`'s logit scale is `scale` (None: left as it is).
+
+    The task loss reads the model's scale, so this is how a run trains at another one; it is
+    restored afterwards, and serving is unaffected either way (a positive scale never changes
+    which label ranks first)."""
+    if scale is None:
+        yield
+        return
+    if not scale > 0:
+        raise ValueError(f"the logit scale must be positive, got {scale}")
+    param = model.logit_scale
+    saved = param.detach().clone()
+    with torch.no_grad():
+        param.fill_(math.log(scale))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            param.copy_(saved)
 
 
 class ClipObjective:
