@@ -17,7 +17,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
-from starlette.routing import Match
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving import routes_classify, routes_completions, routes_experts
@@ -248,7 +248,6 @@ def create_app(
     app = FastAPI(title="MoRA Serve", version="0.1.0")
     app.state.mora = state
     install_error_handlers(app)
-    app.add_exception_handler(405, _method_not_allowed(app))
     install_openapi(
         app, [CompletionRequest, ClassifyRequest, ExpertLoadRequest], _document_limits(state)
     )
@@ -258,10 +257,16 @@ def create_app(
         per_path={"/v1/completions": settings.max_completion_body_bytes},
     )
     app.add_middleware(RequestMetrics, metrics=state.metrics)
-    app.include_router(_misc_router(state))
-    app.include_router(routes_completions.router(state))
-    app.include_router(routes_classify.router(state))
-    app.include_router(routes_experts.router(state))
+    routers = [
+        _misc_router(state),
+        routes_completions.router(state),
+        routes_classify.router(state),
+        routes_experts.router(state),
+    ]
+    for router in routers:
+        app.include_router(router)
+    routes = [*app.routes, *(route for router in routers for route in router.routes)]
+    app.add_exception_handler(405, _method_not_allowed(routes))
     return app
 
 
@@ -280,15 +285,16 @@ def _misc_router(state: AppState) -> APIRouter:
     return routes
 
 
-def _method_not_allowed(app: FastAPI) -> Callable[[Request, Exception], Any]:
+def _method_not_allowed(routes: list[BaseRoute]) -> Callable[[Request, Exception], Any]:
     """Starlette's 405 names the methods of the first route on the path only; `Allow` must
-    name every method the path serves (RFC 9110), and several routes share a path here."""
+    name every method the path serves (RFC 9110), and several routes share a path here.
+    `routes`: every route, those of the included routers too (the app only wraps those)."""
 
     async def handler(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
         methods = {
             method
-            for route in app.router.routes
+            for route in routes
             if route.matches(request.scope)[0] != Match.NONE
             for method in getattr(route, "methods", None) or ()
         }

@@ -115,6 +115,18 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorResponse, "description": _DESCRIPTIONS[code]} for code in codes}
 
 
+def ok(model: type[BaseModel], *, events: str | None = None) -> dict[int | str, dict[str, Any]]:
+    """`responses=` for a 200 answered with `model` as JSON; `events` (what each event's data
+    is): or, when the request asks to stream, as server-sent events."""
+    answer: dict[str, Any] = {"model": model, "description": f"A {model.__name__}"}
+    if events is not None:
+        answer["description"] += f"; streamed: server-sent events, each `data:` {events}"
+        # Before OpenAPI 3.2, an event stream's `schema` describes one event.
+        event = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}
+        answer["content"] = {"text/event-stream": {"schema": event}}
+    return {200: answer}
+
+
 def json_body(*models: type[BaseModel], multipart: dict[str, Any] | None = None) -> dict:
     """`openapi_extra` declaring a required request body of one of `models` (JSON), and
     optionally a multipart/form-data schema."""

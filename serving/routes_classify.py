@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from serving.errors import BadRequest, PayloadTooLarge, RequestTimeout
-from serving.openapi import errors, json_body
+from serving.openapi import errors, json_body, ok
 from serving.protocol import (
     ClassifyRequest,
     ClassifyResponse,
@@ -61,7 +61,7 @@ def router(state: AppState) -> APIRouter:
     @routes.post(
         "/classify",
         response_model=None,
-        responses=errors(400, 401, 404, 415, 504),
+        responses={**ok(ClassifyResponse), **errors(400, 401, 404, 415, 504)},
         openapi_extra=json_body(ClassifyRequest, multipart=_MULTIPART),
     )
     async def classify(request: Request) -> JSONResponse:

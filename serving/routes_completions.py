@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from serving.backend import LMBackend, merge_routing
 from serving.errors import ApiError, BadRequest, ContextLengthExceeded, Overloaded, RequestTimeout
-from serving.openapi import errors, json_body
+from serving.openapi import errors, json_body, ok
 from serving.protocol import (
     CompletionChoice,
     CompletionChunk,
@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 CLIENT_CLOSED = 499  # nginx's convention; nobody reads it, the metrics do
 DONE = "data: [DONE]\n\n"
+STREAMED = "a CompletionChunk as JSON (an error body if the request fails), then [DONE]"
 
 
 def router(state: AppState) -> APIRouter:
@@ -52,7 +53,10 @@ def router(state: AppState) -> APIRouter:
     @routes.post(
         "/v1/completions",
         response_model=None,
-        responses=errors(400, 401, 404, 415, 503, 504),
+        responses={
+            **ok(CompletionResponse, events=STREAMED),
+            **errors(400, 401, 404, 415, 503, 504),
+        },
         openapi_extra=json_body(CompletionRequest),
     )
     async def create_completion(request: Request) -> Response:
