@@ -95,6 +95,11 @@ _DESCRIPTIONS = {
     504: "The request did not finish within the server's timeout",
 }
 
+_HEADERS = {  # sent with every answer of that status (serving.errors)
+    401: ("WWW-Authenticate", "`Bearer`"),
+    503: ("Retry-After", "Seconds to wait before retrying"),
+}
+
 
 class ErrorDetail(BaseModel):
     message: str
@@ -112,7 +117,14 @@ class ErrorResponse(BaseModel):
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """`responses=` for the given error statuses (plus 413 and 500, which any route can give)."""
     codes = sorted({*statuses, 413, 500})
-    return {code: {"model": ErrorResponse, "description": _DESCRIPTIONS[code]} for code in codes}
+    responses: dict[int | str, dict[str, Any]] = {}
+    for code in codes:
+        responses[code] = {"model": ErrorResponse, "description": _DESCRIPTIONS[code]}
+        if code in _HEADERS:
+            name, description = _HEADERS[code]
+            header = {"required": True, "description": description, "schema": {"type": "string"}}
+            responses[code]["headers"] = {name: header}
+    return responses
 
 
 def ok(model: type[BaseModel], *, events: str | None = None) -> dict[int | str, dict[str, Any]]:

@@ -61,7 +61,7 @@ def router(state: AppState) -> APIRouter:
     @routes.post(
         "/classify",
         response_model=None,
-        responses={**ok(ClassifyResponse), **errors(400, 401, 404, 415, 504)},
+        responses={**ok(ClassifyResponse), **errors(400, 401, 404, 415, 503, 504)},
         openapi_extra=json_body(ClassifyRequest, multipart=_MULTIPART),
     )
     async def classify(request: Request) -> JSONResponse:

@@ -48,7 +48,7 @@ def router(state: AppState) -> APIRouter:
             raise NotFound("Expert administration is not available on this server.")
         return state.admin
 
-    @routes.get("/v1/experts", response_model=None, responses=errors(401, 404))
+    @routes.get("/v1/experts", response_model=None, responses=errors(401, 404, 503))
     async def list_sets(request: Request) -> JSONResponse:
         return JSONResponse(jsonable_encoder(await admin(request).list_sets()))
 
