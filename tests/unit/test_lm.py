@@ -293,7 +293,7 @@ def test_models_prepare_calls_the_clip_default_when_present(
     [
         ["import-peft"],
         ["import-peft", "adapter", "--name", "x"],
-        ["import-peft", "adapter", "--out", "o"],
+        # (without --name the set is named after --out: tests/unit/test_cli_runtime.py)
         ["import-peft", "adapter", "--out", "o", "--name", "x", "--kind", "vision"],
         ["import-peft", "adapter", "--out", "o", "--name", "x", "--top-k", "0"],
         ["import-peft", "adapter", "--out", "o", "--name", "x", "--tau", "abc"],
