@@ -1,7 +1,8 @@
 """Routing fast path vs the authors' dense computation vs the base nn.Linear alone.
 
-The fast path is `mora_delta`: on the CPU the native kernel (csrc/mora_route.c); the tensor
-path (`kernel="tensor"`, what CUDA and training use) is timed beside it.
+The fast path is `mora_delta` with the backend a served forward gets (mora_runtime/backends:
+on an AVX2 CPU the fused extension, csrc/expert_layer.cpp); the tensor path
+(`backend="torch"`, what CUDA and training use) is timed beside it.
 
     .venv/bin/python benchmarks/experts.py [--quick] [--out benchmarks/results/experts.md]
 
@@ -88,7 +89,7 @@ def main() -> None:
         t_dense = time_it(lambda: dense_delta(x, A, B, **kw), min_time)  # noqa: B023
         t_fast = time_it(lambda: mora_delta(x, A, B, **kw), min_time)  # noqa: B023
         t_tensor = time_it(
-            lambda: mora_delta(x, A, B, kernel="tensor", **kw),  # noqa: B023
+            lambda: mora_delta(x, A, B, backend="torch", **kw),  # noqa: B023
             min_time,
         )
         rows.append(

@@ -5,14 +5,15 @@
 Runs 16 prompts to 64 greedy tokens each, stepping the engine by hand, and reports the time
 of the prefill wave and the mean decode step for: the empty pool; `--sets` random sets x 16
 ranks on q/k/v/o through the fused layer call (csrc/expert_layer.cpp, the served path);
-the same sets through the two-call path it replaced (score kernel + ctypes routing); the
-fused path again and the empty pool again (drift check: timings on this machine move by up
-to 2x within minutes, so compare rows of one run).
+the same sets through the torch layer backend (tensor ops, what serves where no extension
+builds); the fused path again and the empty pool again (drift check: timings move within
+minutes on a shared machine, so compare rows of one run).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 from bench_common import HERE, load_engine_benchmark, write_report
 
-from mora_runtime import native, patching
+from mora_runtime.backends.select import BACKEND_ENV
 from mora_runtime.engine import Engine, EngineConfig
 from mora_runtime.lm import load_causal_lm
 from mora_runtime.patching import patch_model, unpatch_model
@@ -71,10 +72,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     bench = load_engine_benchmark()
     lm = load_causal_lm(weights="int4")
-    native.available()  # the two-call path's ctypes library: built now, not while timed
     pool = patch_model(lm.model)
     prompts = [bench.prompt_ids(lm.tokenizer, i) for i in range(16)]
-    fused = patching._layer_plan
     rows: list[tuple[str, float, float]] = []
 
     def run(label: str) -> None:
@@ -87,11 +86,11 @@ def main() -> None:
         bench.random_sets(pool, args.sets)
         sets = f"{args.sets} sets x 16 ranks"
         run(f"{sets}, fused layer call")
-        patching._layer_plan = lambda *_: None  # the two-call path takes over
+        os.environ[BACKEND_ENV] = "torch"  # every forward takes the tensor path
         try:
-            run(f"{sets}, two calls (score kernel + ctypes routing)")
+            run(f"{sets}, torch backend (tensor ops)")
         finally:
-            patching._layer_plan = fused
+            del os.environ[BACKEND_ENV]
         run(f"{sets}, fused layer call (again)")
         unpatch_model(lm.model)  # a fresh empty pool (retiring sets keeps their slots)
         pool = patch_model(lm.model)

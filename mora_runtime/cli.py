@@ -122,19 +122,22 @@ def _register_models(subparsers: Any) -> None:
 def prepare_models(
     force: bool = False, *, lm: bool = True, clip: bool = True
 ) -> dict[str, Path | None]:
-    """Prepare the default models asked for (and the native kernels); returns `{name: dir}`."""
-    from mora_runtime import cpu_kernels, native
+    """Prepare the default models asked for (and the CPU kernels); returns `{name: dir}`."""
+    from mora_runtime import cpu_kernels
     from mora_runtime.clip_default import prepare_default_clip
     from mora_runtime.lm import default_lm_is_prepared, prepare_default_lm
 
     prepared: dict[str, Path | None] = {}
-    kernel = native.build(force=force)
-    print(f"routing kernel: {kernel or 'no C compiler found, the tensor path will serve'}")
+    print("CPU kernels (MoRA layer, int4, attention): building once (about a minute) ...")
+    start = time.perf_counter()
+    if cpu_kernels.kernels() is not None:
+        state = "ready"
+    elif cpu_kernels.layer_kernels() is not None:
+        state = "MoRA layer call only on this CPU: float weights, torch attention"
+    else:
+        state = "none for this machine: torch ops serve"
+    print(f"CPU kernels: {state} ({time.perf_counter() - start:.1f} s)", flush=True)
     if lm:
-        print("CPU kernels (int4, attention): building once (about a minute) ...", flush=True)
-        start = time.perf_counter()
-        state = "ready" if cpu_kernels.kernels() is not None else "not for this CPU: float weights"
-        print(f"CPU kernels: {state} ({time.perf_counter() - start:.1f} s)")
         if force or not default_lm_is_prepared():
             print(
                 f"causal LM: converting the bundled SmolLM2-135M-Instruct GGUF into "

@@ -14,7 +14,9 @@ L = adapted layers that recorded.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -23,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .experts import Routing
-from .pool import PoolSnapshot
+from .pool import ExpertPool, PoolSnapshot
 from .stats import SequenceRouting, StepRouting
 
 _FIRST_ROWS = 64  # recording rows allocated up front (one per adapted layer call)
@@ -46,10 +48,11 @@ class Layout:
     mask: Tensor | None
     top_k: Tensor | None
     threshold: Tensor | None
-    # What adapted layers derive from the layout once per forward (e.g. kernel arguments).
+    # What adapted layers derive from the layout once per forward (the backend, see
+    # backends/select.py; the valid-token mask).
     extras: dict[str, Any] = field(default_factory=dict, compare=False)
 
-    # Token-level views for the tensor path (the native kernel indexes by sequence itself).
+    # Token-level views for the tensor path (the fused kernel indexes by sequence itself).
     @cached_property
     def token_mask(self) -> Tensor | None:
         """[T|1, N] bool, or None."""
@@ -106,6 +109,7 @@ class ForwardContext:
         training: bool = False,
         record: bool = True,
         valid_tokens: Tensor | None = None,
+        backend: str = "auto",
     ) -> None:
         if not snapshots:
             raise ValueError("a forward context needs at least one snapshot")
@@ -117,6 +121,9 @@ class ForwardContext:
         self.record = record
         # [T] bool: tokens that count in the statistics (padding computes but is not counted)
         self.valid_tokens = valid_tokens
+        # The layer backend of this context's forwards (backends/select.py): by name, or
+        # "auto" for the first that applies.
+        self.backend = backend
         self._visible_any = any(s.num_experts for s in self.snapshots)
         self._layouts: dict[tuple, Layout | None] = {}
         self._recorders: dict[int, _Recorder] = {}  # by token count
@@ -220,25 +227,20 @@ class ForwardContext:
             self._hits = hits = grown
         return hits
 
-    def recording(self, kind: str, layout: Layout) -> tuple[Tensor | None, Tensor | None]:
-        """(`active_row`, `slot_hits`) for one layer, or (None, None) when not recording."""
-        if not self.record:
-            return None, None
-        return self.active_row(kind, layout), self.slot_hits(layout)
-
     def recording_buffers(
         self, kind: str, layout: Layout
     ) -> tuple[Tensor | None, int, Tensor | None]:
-        """`recording` without making the row's view (a tensor op, which releases the
-        GIL): (the [L, T] active buffer, this layer's row in it, `slot_hits`), or
-        (None, 0, None) when not recording."""
+        """One layer's recording buffers without making the row's view (a tensor op, which
+        releases the GIL): (the [L, T] active buffer, this layer's row in it, `slot_hits`),
+        or (None, 0, None) when not recording."""
         if not self.record:
             return None, 0, None
         buffer, row = self._recorder(layout).next_index(kind)
         return buffer, row, self.slot_hits(layout)
 
     def record_routing(self, kind: str, routing: Routing, layout: Layout) -> None:
-        """The tensor path's routing of one layer, into the same buffers the kernel fills."""
+        """The tensor path's routing of one layer, into the same buffers the fused kernel
+        fills."""
         row = self.active_row(kind, layout)
         if row is None:
             return
@@ -288,3 +290,45 @@ class ForwardContext:
                         per_set[entry.name] = count
             sequences.append(SequenceRouting(observations[i], active[i], per_set))
         return StepRouting(tuple(sequences), {k: tuple(v) for k, v in per_kind.items()})
+
+
+# Context plumbing: which context the forwards through a pool see on this thread ----------
+_state = threading.local()
+
+
+def current_context(pool: ExpertPool) -> ForwardContext:
+    """The context set for `pool` on this thread, else the latest version for all tokens."""
+    contexts: dict[int, ForwardContext] = getattr(_state, "contexts", {})
+    ctx = contexts.get(id(pool))
+    if ctx is not None:
+        return ctx
+    # No context set (a plain model call): every token sees the latest version. One context
+    # per version is kept, so its per-forward layout is not rebuilt at every layer.
+    defaults: dict[int, ForwardContext] = _state.__dict__.setdefault("defaults", {})
+    latest = pool.latest()
+    ctx = defaults.get(id(pool))
+    if ctx is None or ctx.snapshots[0] is not latest:
+        ctx = defaults[id(pool)] = ForwardContext([latest], record=False)
+    return ctx
+
+
+@contextlib.contextmanager
+def forward_context(pool: ExpertPool, ctx: ForwardContext) -> Iterator[ForwardContext]:
+    """Make `ctx` the routing context of every forward through `pool` on this thread."""
+    contexts = _state.__dict__.setdefault("contexts", {})
+    previous = contexts.get(id(pool))
+    contexts[id(pool)] = ctx
+    try:
+        yield ctx
+    finally:
+        if previous is None:
+            contexts.pop(id(pool), None)
+        else:
+            contexts[id(pool)] = previous
+
+
+def use_snapshots(
+    pool: ExpertPool, snapshots: Sequence[PoolSnapshot], **kwargs: Any
+) -> contextlib.AbstractContextManager[ForwardContext]:
+    """Shorthand: `with use_snapshots(pool, [snap_a, snap_b]): model(batch_of_two)`."""
+    return forward_context(pool, ForwardContext(snapshots, **kwargs))

@@ -1,11 +1,14 @@
 """The torch C++ extension of CPU kernels for serving: int4/int8 products (quantize.py),
 decode-step attention (decode_attention.py), expert scores and a whole adapted layer's
-MoRA update (`ExpertLayerPlan`, patching.py), built once per source, machine and torch.
+MoRA update (`ExpertLayerPlan`, the cpu_fused layer backend), built once per source,
+machine and torch.
 
-A torch extension rather than a plain C library like the routing kernel: its loops split
-their work with torch's own thread pool, where threads of their own would fight torch's for
-the cores. The kernels need x86-64 with AVX2 and FMA; elsewhere `kernels()` is None and the
-model keeps float weights and torch's attention.
+A torch extension rather than a plain C library: its loops split their work with torch's
+own thread pool, where threads of their own would fight torch's for the cores. The full
+build needs x86-64 with AVX2 and FMA (`kernels()`); elsewhere `kernels()` is None and the
+model keeps float weights and torch's attention, while `layer_kernels()` builds the layer
+call alone without AVX2 (its scores are then at::mm), so the MoRA update stays one call
+per layer on any CPU with a C++ compiler and OpenMP.
 """
 
 from __future__ import annotations
@@ -36,11 +39,14 @@ SOURCES = tuple(
     )
 )
 HEADERS = (_CSRC / "avx2.h", _CSRC / "mora_route.h")
+PORTABLE_SOURCES = (_CSRC / "bindings.cpp", _CSRC / "expert_layer.cpp")
+PORTABLE_HEADERS = (_CSRC / "mora_route.h",)
 # -fopenmp: at::parallel_for is an inline template whose OpenMP pragma is compiled into this
 # extension; without the flag it silently runs on one thread. The extension then needs
 # libgomp.so.1, which the loader resolves to the copy torch has already loaded (same soname),
 # so there is one OpenMP thread pool, torch's.
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp")
+_PORTABLE_FLAGS = ("-O3", "-fopenmp")
 
 
 def _cpu_has_avx2() -> bool:
@@ -52,31 +58,49 @@ def _cpu_has_avx2() -> bool:
     return is_x86 and capability in ("AVX2", "AVX512")
 
 
-@functools.lru_cache(maxsize=1)
-def kernels() -> Any | None:
-    """The compiled module (`q4_1_linear`, `q8_0_linear`, `decode_attention`,
-    `expert_scores`, `ExpertLayerPlan`), or None when this machine cannot have it.
-    Compiles on first use (about a minute, once)."""
-    if not _cpu_has_avx2():
-        return None
+def _load(name: str, sources: tuple[Path, ...], headers: tuple[Path, ...], flags: tuple) -> Any:
+    """Compile (once per sources, flags and torch) and import an extension; None on failure."""
     import ninja
     from torch.utils.cpp_extension import load
 
     # torch runs `ninja` from PATH; the pinned one lives next to this interpreter's packages.
     if ninja.BIN_DIR not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-    directory = native_build_dir("cpu", (*SOURCES, *HEADERS), torch.__version__, *_FLAGS)
+    directory = native_build_dir(name, (*sources, *headers), torch.__version__, *flags)
     directory.mkdir(parents=True, exist_ok=True)
     try:
         # torch's loader locks the directory, so replicas starting together build once.
         return load(
             name=f"mora_{directory.name.replace('-', '_')}",
-            sources=[str(source) for source in SOURCES],
-            extra_cflags=list(_FLAGS),
+            sources=[str(source) for source in sources],
+            extra_cflags=list(flags),
             extra_ldflags=["-fopenmp"],
             build_directory=str(directory),
             verbose=False,
         )
-    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-        logger.warning("CPU kernels unavailable (%s): float weights, torch attention", error)
+    except (ImportError, OSError, RuntimeError, subprocess.SubprocessError) as error:
+        logger.warning("CPU extension %s unavailable (%s)", name, error)
         return None
+
+
+@functools.lru_cache(maxsize=1)
+def kernels() -> Any | None:
+    """The compiled module (`q4_1_linear`, `q8_0_linear`, `decode_attention`,
+    `expert_scores`, `ExpertLayerPlan`), or None when this machine cannot have it (then:
+    float weights, torch attention). Compiles on first use (about a minute, once)."""
+    if not _cpu_has_avx2():
+        return None
+    return _load("cpu", SOURCES, HEADERS, _FLAGS)
+
+
+@functools.lru_cache(maxsize=1)
+def portable_kernels() -> Any | None:
+    """The layer call alone (`ExpertLayerPlan`), built without AVX2; None when it cannot be
+    built here (no C++ compiler or OpenMP)."""
+    return _load("cpu-portable", PORTABLE_SOURCES, PORTABLE_HEADERS, _PORTABLE_FLAGS)
+
+
+def layer_kernels() -> Any | None:
+    """The module whose `ExpertLayerPlan` the cpu_fused backend calls: the full build where
+    the CPU has AVX2, else the portable one, else None."""
+    return kernels() or portable_kernels()

@@ -10,7 +10,8 @@ Shape legend:
     N = expert slots scored, K = experts kept per token (k_eff), P = active prefix of K.
 
 Two implementations live here on purpose: `reference_delta` is a per-token loop that reads
-like the spec, `mora_delta` / `route` + `apply_values` are the serving fast path. Tests
+like the spec, `route` + `apply_values` are the tensor path (the torch layer backend).
+`mora_delta` runs one layer through the layer backends as a served forward does. Tests
 compare them; keep them in step.
 """
 
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import native
+from .pool_slots import RoutingConfig
 
 NORM_EPS = 1e-12
 MIN_TOP_K = 2
@@ -181,47 +182,23 @@ def mora_delta(
     threshold: float,
     scale: float = 1.0,
     training: bool = False,
-    kernel: str = "auto",
+    backend: str = "auto",
 ) -> Tensor:
     """Semantics: delta[t] = scale * sum_{i in kept(t)} w_i(t) * (A x_t)_i * B_i.
 
     x [T, D], A [N, D], B [N, O] -> [T, O] in x's dtype. Keys are scored densely (one
-    [T, D] x [D, N] product); values touch only the rows kept after pruning when that is
-    cheaper. `threshold` applies only when `training` is False. N = 0 gives zeros.
-    `kernel`: "native" (csrc/mora_route.c: CPU float32 inference), "tensor" (`route` +
-    `apply_values`, any device, differentiable), or "auto" (native where it applies).
+    [T, D] x [D, N] product); values touch only the rows kept after pruning. `threshold`
+    applies only when `training` is False. N = 0 gives zeros. `backend` picks the layer
+    backend as a served forward does (mora_runtime/backends): "auto" (the fused CPU
+    extension for CPU float32 inference, else the tensor path), "torch" (`route` +
+    `apply_values`: any device, differentiable) or "cpu_fused".
     """
-    num_tokens = x.shape[0]
     if A.shape[0] == 0:
-        return x.new_zeros(num_tokens, B.shape[1])
-    z = x @ A.t()  # [T, N]: the key side stays dense, every expert scores every token
-    if kernel != "tensor" and not training:
-        out = torch.zeros(num_tokens, B.shape[1], dtype=B.dtype, device=B.device)  # [T, O]
-        if _native_delta(z, B, out, top_k=top_k, tau=tau, threshold=threshold, scale=scale):
-            return out.to(x.dtype)
-    if kernel == "native":
-        raise ValueError("the native kernel does not apply here (CPU float32 inference only)")
-    routing = route(z, top_k=top_k, tau=tau, threshold=threshold, training=training, scale=scale)
-    return apply_values(routing, B)
+        return x.new_zeros(x.shape[0], B.shape[1])
+    from .backends.select import delta  # the backends build on this module
 
-
-def _native_delta(
-    z: Tensor, B: Tensor, out: Tensor, *, top_k: int, tau: float, threshold: float, scale: float
-) -> bool:
-    if not native.supports(z, B, out) or not native.available() or _needs_grad(z, B):
-        return False
-    args = native.ForwardArgs(
-        top_k=top_k,
-        threshold=threshold,
-        tau=tau,
-        slot_scale=torch.full((z.shape[1],), float(scale)),
-        scratch=torch.empty(z.shape[0], dtype=torch.int32),
-    )
-    return args.apply(z, B, out)
-
-
-def _needs_grad(*tensors: Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    routing = RoutingConfig(top_k=top_k, tau=tau, threshold=threshold)
+    return delta(x, A, B, routing=routing, scale=scale, training=training, backend=backend)
 
 
 def reference_delta(

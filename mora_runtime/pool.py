@@ -70,7 +70,7 @@ class ExpertPool:
         self.device = torch.device(device)
         self.dtype = dtype
         self.layers: dict[str, PoolLayer] = {
-            path: PoolLayer(d, o, capacity, device=self.device, dtype=dtype)
+            path: PoolLayer(d, o, capacity, device=self.device, dtype=dtype, path=path)
             for path, (d, o) in layer_shapes.items()
         }
         self._capacity = capacity
@@ -84,8 +84,6 @@ class ExpertPool:
         self._live = Counter[int]()
         self._lock = threading.RLock()
         self._latest = PoolSnapshot(0, (), ())
-        self.trainable: dict[str, tuple[Tensor, Tensor]] | None = None
-        self.trainable_scale = 1.0
 
     # ----------------------------------------------------------------- read side
     @property
@@ -167,7 +165,7 @@ class ExpertPool:
         (shapes, values that overflow the pool's dtype, a scale it cannot hold)."""
         if not isinstance(name, str) or not name:
             raise PoolError("an expert set needs a non-empty name")
-        rank = self._check_tensors(name, tensors)
+        rank = self.check_tensors(name, tensors)
         device, dtype = self.device, self.dtype
         converted: dict[str, tuple[Tensor, Tensor]] = {}
         for path, (A, B) in tensors.items():
@@ -212,24 +210,6 @@ class ExpertPool:
             self._reclaim()
             return snap
 
-    # ------------------------------------------------------------- training side
-    def attach_trainable(
-        self, tensors: Mapping[str, tuple[Tensor, Tensor]], *, scale: float = 1.0
-    ) -> None:
-        """Add the experts being learned (usually `nn.Parameter`s) after the pool's slots.
-
-        Every token sees them; they share the normalisation, top-k and softmax with the
-        frozen experts, exactly as they will once saved and loaded. Not for serving.
-        """
-        with self._lock:
-            self._check_tensors("<trainable>", tensors)
-            self.trainable = dict(tensors)
-            self.trainable_scale = float(scale)
-
-    def detach_trainable(self) -> None:
-        with self._lock:
-            self.trainable = None
-
     def set_version(self, version: int) -> PoolSnapshot:
         """Renumber the current state (versions only grow). Replicas use this to report the
         version of the cluster-wide registry instead of their local count of mutations."""
@@ -255,7 +235,9 @@ class ExpertPool:
             return self
 
     # ------------------------------------------------------------------ internals
-    def _check_tensors(self, name: str, tensors: Mapping[str, tuple[Tensor, Tensor]]) -> int:
+    def check_tensors(self, name: str, tensors: Mapping[str, tuple[Tensor, Tensor]]) -> int:
+        """The rank of a set of experts for this pool's layers (module path -> (A [r, D],
+        B [r, O])); raises PoolError unless it fits (also used for trainable experts)."""
         extra = sorted(set(tensors) - set(self.layers))
         if extra or not tensors:
             raise PoolError(f"expert set {name!r}: no layer, or layers the pool lacks: {extra}")

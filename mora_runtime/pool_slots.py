@@ -81,7 +81,11 @@ class PoolSnapshot:
 class PoolLayer:
     """Slot buffers of one adapted layer; rows past the high-water mark are zero."""
 
-    def __init__(self, in_features: int, out_features: int, capacity: int, *, device, dtype):
+    def __init__(
+        self, in_features: int, out_features: int, capacity: int, *, device, dtype, path: str = ""
+    ):
+        self.path = path  # module path of the adapted layer
+        self.kind = path.rsplit(".", 1)[-1]  # bounded statistics label, e.g. "q_proj"
         self.in_features = in_features
         self.out_features = out_features
         self.A = torch.zeros(capacity, in_features, device=device, dtype=dtype)  # [C, D]
@@ -101,6 +105,12 @@ class PoolLayer:
             A, B, present = self.A[:num_slots], self.B[:num_slots], self.present[:num_slots]
             cached = self._views = (num_slots, self.A, A, B, present)
         return cached[2], cached[3], cached[4]
+
+    def weights(self, num_slots: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """`views`, with present None when this layer has every loaded slot (the usual case:
+        only a set that skips some layers makes any slot absent)."""
+        A, B, present = self.views(num_slots)
+        return A, B, (present if self.absent_slots else None)
 
     def grow(self, capacity: int) -> None:
         old = self.A.shape[0]

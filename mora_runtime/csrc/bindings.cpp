@@ -1,6 +1,8 @@
-// The Python module of the CPU kernels (built by mora_runtime/cpu_kernels.py).
+// The Python module of the CPU kernels (built by mora_runtime/cpu_kernels.py). Its portable
+// build (no AVX2) has the layer call alone.
 #include <torch/extension.h>
 
+#ifdef __AVX2__
 at::Tensor q4_1_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& d,
                        const at::Tensor& m, int64_t out_features);
 at::Tensor q8_0_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& d,
@@ -8,13 +10,16 @@ at::Tensor q8_0_linear(const at::Tensor& x, const at::Tensor& packed, const at::
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& mask, double scale);
 at::Tensor expert_scores(const at::Tensor& x, const at::Tensor& A);
+#endif
 void bind_expert_layer(pybind11::module& module);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+#ifdef __AVX2__
   module.def("q4_1_linear", &q4_1_linear, "x @ dequant(Q4_1 weight).T, 8-bit activations");
   module.def("q8_0_linear", &q8_0_linear, "x @ dequant(Q8_0 weight).T, 8-bit activations");
   module.def("decode_attention", &decode_attention,
              "one query token per sequence against its cached keys and values");
   module.def("expert_scores", &expert_scores, "x [T, D] @ A [N, D]^T for small T");
+#endif
   bind_expert_layer(module);  // ExpertLayerPlan: scores + routing + update of a layer
 }

@@ -1,18 +1,19 @@
-// One adapted layer's whole MoRA update in one call, for CPU float32 inference:
+// One adapted layer's whole MoRA update in one call, for CPU float32 inference (the
+// cpu_fused layer backend, mora_runtime/backends/cpu_fused.py):
 //   z = x A^T (expert_scores.cpp's tiles up to `kernel_max_tokens` tokens, else at::mm),
 //   then every token's routing and value update (mora_route.h), then the activation
 //   counts. Up to `kernel_max_tokens` tokens both phases run in one OpenMP region (torch's
-//   thread count); beyond, at::mm and then the tokens over torch's thread pool.
-// The same arithmetic as patching.py's two-call path (`_scores`, then the ctypes routing
-// library): the same scores; the routing and update may round differently (this file is
-// built with -mfma and C++ contracts multiply-adds), so a score exactly at the threshold
-// could go either way. What it saves is that path's per-layer cost (a Python round trip,
-// a ctypes call with 20 arguments, the z tensor), paid by every adapted layer of every
-// decode step; prefill-sized batches also route on every thread instead of one. x and y
-// come in the model's shape ([B, L, D] / [B, L, O]) and the counts go into a row of the
-// recorder's [L, T] buffer, so the caller makes no tensor op (each would release the GIL).
+//   thread count); beyond, at::mm and then the tokens over torch's thread pool. Built
+//   without AVX2 (cpu_kernels.py's portable build), the scores are always at::mm.
+// What it saves over the tensor path is its dozen small tensor ops per layer, whose fixed
+// cost, paid by every adapted layer of every decode step, dwarfs their arithmetic;
+// prefill-sized batches also route on every thread. The routing may round differently from
+// the tensor path's (this file is built with -mfma and C++ contracts multiply-adds), so a
+// score exactly at the threshold could go either way. x and y come in the model's shape
+// ([B, L, D] / [B, L, O]) and the counts go into a row of the recorder's [L, T] buffer, so
+// the caller makes no tensor op (each would release the GIL).
 //
-// A plan holds what stays the same for every layer of one forward (patching.py builds one
+// A plan holds what stays the same for every layer of one forward (the backend builds one
 // per forward): routing defaults, per-sequence overrides, token -> sequence, masks.
 #include <ATen/Parallel.h>
 #include <omp.h>
@@ -27,9 +28,11 @@ extern "C" {
 #include "mora_route.h"
 }
 
+#ifdef __AVX2__
 int64_t expert_score_group_count(int64_t N);
 void expert_score_groups(const float* x, const float* a, float* z, int64_t g_begin,
                          int64_t g_end, int64_t T, int64_t D, int64_t N);
+#endif
 
 namespace {
 
@@ -174,6 +177,7 @@ class ExpertLayerPlan {
           scale_p, slots.data() + t * K));
     };
 
+#ifdef __AVX2__
     if (T_ <= kernel_max_tokens_) {
       at::Tensor z = at::empty({T_, N}, x.options());
       const float* xp = x.data_ptr<float>();
@@ -183,8 +187,7 @@ class ExpertLayerPlan {
       const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), groups));
       // One parallel region for both phases of a decode step: the keys split over the
       // threads, a barrier (every token needs every key's score), then the tokens: the
-      // routing is split without a second fork/join (16 tokens x 160 slots, 2 threads: the
-      // call beyond its scores went from ~16 us, routing on the calling thread, to ~10).
+      // routing is split without the cost of a second fork/join.
 #pragma omp parallel num_threads(threads) if (threads > 1)
       {
         const int64_t tid = omp_get_thread_num(), nt = omp_get_num_threads();
@@ -192,8 +195,10 @@ class ExpertLayerPlan {
 #pragma omp barrier
         for (int64_t t = tid; t < T_; t += nt) route(zp, t);
       }
-    } else {
-      const at::Tensor z = at::mm(x, A.t()).contiguous();  // what torch.mm does (two-call path)
+    } else
+#endif
+    {
+      const at::Tensor z = at::mm(x, A.t()).contiguous();
       const float* zp = z.data_ptr<float>();
       at::parallel_for(0, T_, 64, [&](int64_t begin, int64_t end) {
         for (int64_t t = begin; t < end; ++t) route(zp, t);
@@ -226,7 +231,8 @@ class ExpertLayerPlan {
 
 void bind_expert_layer(pybind11::module& module) {
   namespace py = pybind11;
-  py::class_<ExpertLayerPlan>(module, "ExpertLayerPlan")
+  // module_local: the AVX2 and the portable build may both be loaded in one process.
+  py::class_<ExpertLayerPlan>(module, "ExpertLayerPlan", py::module_local())
       .def(py::init<int64_t, int64_t, double, double, at::Tensor, int64_t,
                     std::optional<at::Tensor>, std::optional<at::Tensor>,
                     std::optional<at::Tensor>, std::optional<at::Tensor>,

@@ -1,7 +1,6 @@
 /*
- * MoRA routing + rank-1 value update of ONE token, shared by the plain C library
- * (mora_route.c, called through ctypes) and the torch extension (expert_layer.cpp, which
- * runs tokens in parallel). Plain C99, header-only (static inline), so both compile it.
+ * MoRA routing + rank-1 value update of ONE token, for the torch extension's layer call
+ * (expert_layer.cpp, which runs tokens in parallel). Plain C99, header-only (static inline).
  *
  * Semantics (docs/spec.md steps 2-6, inference), for a token with raw scores z = A x:
  *   visible   = slots i < N with visible[i] (NULL: all) and present[i] (NULL: all)

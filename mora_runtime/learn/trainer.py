@@ -1,7 +1,7 @@
 """Learn one task as a new expert set beside a frozen pool (docs/spec.md "Continual learning").
 
 Per task: `r` new rank-1 experts per adapted module (keys kaiming-uniform with a = sqrt(5),
-values zero), attached to the pool with `ExpertPool.attach_trainable` so they share the
+values zero), installed beside the pool with `backends.trainable_experts` so they share the
 normalisation, top-k and softmax with every frozen expert exactly as they will once served;
 only they receive gradients. AdamW (betas 0.9 / 0.9999, no weight decay), cosine schedule
 without warm-up. The result becomes an `ExpertSet` (the runtime file format) whose metadata
@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mora_runtime.backends import trainable_experts
 from mora_runtime.context import ForwardContext
 from mora_runtime.patching import forward_context
 from mora_runtime.pool import ExpertPool, RoutingConfig
@@ -228,12 +229,9 @@ def learn_experts(
         with forward_context(pool, ctx):
             return loss_fn(step)
 
-    pool.attach_trainable(experts, scale=cfg.scale)
-    try:
+    with trainable_experts(pool, experts, scale=cfg.scale):
         params = [p for pair in experts.values() for p in pair]
         log = optimize(params, step_loss, cfg, desc=desc, progress=progress)
-    finally:
-        pool.detach_trainable()
     out = {p: (A.detach().cpu().clone(), B.detach().cpu().clone()) for p, (A, B) in experts.items()}
     return out, log
 

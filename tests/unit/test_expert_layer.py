@@ -1,19 +1,49 @@
-"""The fused layer kernel (csrc/expert_layer.cpp) against the two-call path it replaces
-(`patching._scores` + the ctypes routing library) and the tensor path."""
+"""The fused layer kernel (csrc/expert_layer.cpp, the cpu_fused backend) against the tensor
+path (`route` + `apply_values`, the torch backend), in float32 and float64."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from mora_runtime import native, patching
-from mora_runtime.cpu_kernels import kernels
-from mora_runtime.patching import MoRALinear, patch_model
+from mora_runtime.backends import select as select_module
+from mora_runtime.backends.cpu_fused import KERNEL_MAX_TOKENS, CpuFusedBackend
+from mora_runtime.context import ForwardContext, forward_context
+from mora_runtime.cpu_kernels import kernels, portable_kernels
+from mora_runtime.experts import apply_values, route
+from mora_runtime.patching import patch_model
 
-from .test_native import _run_patched, _tensor_path
 from .test_patching import CAUSAL, build, ids, random_set
 
+pytestmark = pytest.mark.skipif(kernels() is None, reason="needs the AVX2 CPU extension")
 TAU = 0.05
+LIMIT = 256  # the largest budget the kernels take (MORA_MAX_K, csrc/mora_route.h)
+
+
+def _tensor_path(z, B, *, seq, mask, present, top_k, threshold, scale, valid, tau, num_seqs):
+    """The same update through `route` + `apply_values`, with statistics recorded the way
+    ForwardContext.record_routing does."""
+    token_mask = mask[seq] & present.unsqueeze(0)  # [T, N]
+    routing = route(
+        z,
+        top_k=top_k[seq],
+        tau=tau,
+        threshold=threshold[seq].to(z.dtype),
+        slot_mask=token_mask,
+        slot_scale=scale.to(z.dtype),
+    )
+    hits = torch.zeros(num_seqs, z.shape[1], dtype=torch.long)
+    rows = seq.unsqueeze(1).expand_as(routing.slots)
+    counted = (routing.active & valid[:, None]).long()
+    hits.index_put_((rows, routing.slots), counted, accumulate=True)
+    return apply_values(routing, B), routing.active_per_token.int(), hits
+
+
+def _run_patched(model, pool, batch, snaps, overrides, backend="auto"):
+    ctx = ForwardContext(snaps, backend=backend, **overrides)
+    with torch.inference_mode(), forward_context(pool, ctx):
+        logits = model(batch).logits
+    return logits, ctx.collect()
 
 
 def _case(seed: int, num_tokens: int):
@@ -44,14 +74,15 @@ def _case(seed: int, num_tokens: int):
     )
 
 
-def _plan(case: dict, **overrides):
+def _plan(case: dict, build=kernels, **overrides):
+    """The extension's plan for the case (`build`: the AVX2 or the portable build)."""
     kwargs = dict(
         num_tokens=case["x"].shape[0],
         top_k=8,
         threshold=0.2,
         tau=TAU,
         slot_scale=case["scale"],
-        kernel_max_tokens=patching._KERNEL_MAX_TOKENS,
+        kernel_max_tokens=KERNEL_MAX_TOKENS,
         mask=case["mask"],
         seq=case["seq"],
         seq_top_k=case["top_k"],
@@ -59,7 +90,7 @@ def _plan(case: dict, **overrides):
         valid=case["valid"],
     )
     kwargs.update(overrides)
-    return kernels().ExpertLayerPlan(**kwargs)
+    return build().ExpertLayerPlan(**kwargs)
 
 
 def _outputs(case: dict):
@@ -71,7 +102,7 @@ def _outputs(case: dict):
     )
 
 
-def _reference(case: dict, **overrides):
+def _reference(case: dict, dtype: torch.dtype = torch.float32, **overrides):
     """The readable tensor path (route + apply_values) on the case, fields overridable."""
     kwargs = dict(
         seq=case["seq"],
@@ -85,47 +116,32 @@ def _reference(case: dict, **overrides):
         num_seqs=case["num_seqs"],
     )
     kwargs.update(overrides)
-    return _tensor_path(case["x"] @ case["A"].t(), case["B"], **kwargs)
+    x, A, B = (case[k].to(dtype) for k in ("x", "A", "B"))
+    return _tensor_path(x @ A.t(), B, **kwargs)
 
 
-# 1 and 16: the score kernel (a decode step); 100: past _KERNEL_MAX_TOKENS, at::mm (prefill).
+# 1 and 16: the score kernel (a decode step); 100: past KERNEL_MAX_TOKENS, at::mm (prefill).
 @pytest.mark.parametrize("num_tokens", [1, 16, 37, 100])
 @pytest.mark.parametrize("seed", range(3))
-def test_plan_equals_the_two_call_path(num_tokens, seed):
+@pytest.mark.parametrize("build", [kernels, portable_kernels], ids=["avx2", "portable"])
+def test_plan_equals_the_tensor_path(num_tokens, seed, build):
+    """The portable build (no AVX2: scores through at::mm) holds to the same."""
     case = _case(seed, num_tokens)
     y, active, hits = _outputs(case)
     with torch.inference_mode():
-        assert _plan(case).apply(
+        assert _plan(case, build).apply(
             case["x"], case["A"], case["B"], y, case["present"], active[None], 0, hits
         )
-
-        y_two, active_two, hits_two = _outputs(case)
-        z = patching._scores(case["x"], case["A"], inference=True)
-        args = native.ForwardArgs(
-            top_k=8,
-            threshold=0.2,
-            tau=TAU,
-            slot_scale=case["scale"],
-            scratch=torch.empty(num_tokens, dtype=torch.int32),
-            mask=case["mask"],
-            seq=case["seq"],
-            seq_top_k=case["top_k"],
-            seq_threshold=case["threshold"],
-            valid=case["valid"],
-        )
-        assert args.apply(z, case["B"], y_two, case["present"], active_two, hits_two)
-    # The same scores and routing decisions; the update may round differently (the
-    # extension is built with FMA, the portable C library is not).
-    torch.testing.assert_close(y, y_two, rtol=1e-5, atol=1e-5)
-    assert torch.equal(active, active_two)
-    assert torch.equal(hits, hits_two)
-
-    # and the readable tensor path (route + apply_values) agrees within float error
+    # The same routing decisions and statistics as the float32 tensor path; the update
+    # within float error of it, and closer still to the same path in float64.
     want, want_active, want_hits = _reference(case)
     torch.testing.assert_close(y - case["base"], want, rtol=1e-4, atol=1e-4)
     assert torch.equal(active, want_active)
     assert torch.equal(hits, want_hits)
     assert want_active.sum() > 0 and (active[case["seq"] == 0] == 0).all()
+    want64, active64, hits64 = _reference(case, torch.float64)
+    assert torch.equal(active, active64) and torch.equal(hits, hits64)
+    torch.testing.assert_close((y - case["base"]).double(), want64, rtol=1e-5, atol=1e-5)
 
 
 def test_batched_and_strided_inputs_and_one_row_of_a_recording_buffer():
@@ -217,7 +233,7 @@ def test_sequence_ids_beyond_the_per_sequence_tensors_raise():
 
 
 def test_a_budget_over_the_limit_is_refused_before_anything_is_written():
-    limit = native.max_top_k()
+    limit = LIMIT
     g = torch.Generator().manual_seed(0)
     num_slots = limit + 10
     x, A = torch.randn(3, 16, generator=g), torch.randn(num_slots, 16, generator=g)
@@ -259,8 +275,7 @@ def test_mismatched_shapes_raise():
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_patched_models_route_every_layer_through_the_plan(name, monkeypatch):
     """Mixed versions, a partial set and overrides in one forward: every adapted layer takes
-    the fused call (the two-call path would raise); logits match the two-call path's and
-    statistics equal them."""
+    the fused call; logits match the torch backend's and statistics equal them."""
     model = build(CAUSAL[name])
     pool = patch_model(model, routing=None)
     pool.add_set("a", random_set(pool, 4, seed=1, gain=3.0))
@@ -272,49 +287,49 @@ def test_patched_models_route_every_layer_through_the_plan(name, monkeypatch):
     snaps = [old, new, new]
     overrides = dict(top_k=[2, 8, 3], threshold=[0.0, 0.1, -1.0])
 
-    def refuse(*args, **kwargs):
-        raise AssertionError("the two-call path ran")
+    calls = []
+    real_apply = CpuFusedBackend.apply
+
+    def counting(self, x, y, layer):
+        calls.append(layer.path)
+        return real_apply(self, x, y, layer)
 
     with monkeypatch.context() as patched:
-        patched.setattr(MoRALinear, "_native_update", refuse)
+        patched.setattr(CpuFusedBackend, "apply", counting)
         logits_fused, stats_fused = _run_patched(model, pool, batch, snaps, overrides)
-    with monkeypatch.context() as patched:
-        patched.setattr(patching, "_layer_plan", lambda *args: None)
-        logits_two, stats_two = _run_patched(model, pool, batch, snaps, overrides)
-    torch.testing.assert_close(logits_fused, logits_two, rtol=1e-5, atol=1e-5)
-    assert stats_fused == stats_two
+        logits_torch, stats_torch = _run_patched(model, pool, batch, snaps, overrides, "torch")
+    assert sorted(calls) == sorted(pool.layers)  # every layer once, and only auto
+    torch.testing.assert_close(logits_fused, logits_torch, rtol=1e-4, atol=1e-4)
+    assert stats_fused == stats_torch
     assert stats_fused.total().active_ranks > 0
+    assert set(stats_fused.sequences[1].set_activations) == {"a", "b"}
+    assert set(stats_fused.sequences[0].set_activations) <= {"a"}  # old version: no "b"
 
 
 def test_a_forward_whose_budget_exceeds_the_kernel_takes_the_tensor_path(monkeypatch):
-    """A per-request top_k over the kernels' limit: no plan, no native routing, and the
-    output is still the tensor path's (statistics recorded once per layer)."""
-    limit = native.max_top_k()
+    """A per-request top_k over the kernels' limit: the selector refuses the extension once
+    for the whole forward, and the output is the torch backend's (statistics recorded once
+    per layer)."""
     model = build(CAUSAL["llama"])
-    pool = patch_model(model, routing=None, capacity=limit + 16)
-    pool.add_set("big", random_set(pool, limit + 8, seed=3, gain=3.0))
+    pool = patch_model(model, routing=None, capacity=LIMIT + 16)
+    pool.add_set("big", random_set(pool, LIMIT + 8, seed=3, gain=3.0))
     snaps = [pool.latest(), pool.latest()]
-    overrides = dict(top_k=[4, limit + 1], threshold=[0.0, 0.0])
+    overrides = dict(top_k=[4, LIMIT + 1], threshold=[0.0, 0.0])
     batch = ids(batch=2, length=5)
 
-    plans = []
+    chosen = []
+    real = select_module.select_backend
 
-    def spy(*args):
-        plans.append(patching.__dict__["_real_layer_plan"](*args))
-        return plans[-1]
+    def spy(spec, backend="auto"):
+        plan = real(spec, backend)
+        chosen.append(plan.name)
+        return plan
 
-    monkeypatch.setitem(patching.__dict__, "_real_layer_plan", patching._layer_plan)
-    monkeypatch.setattr(patching, "_layer_plan", spy)
+    monkeypatch.setattr(select_module, "select_backend", spy)
     logits, stats = _run_patched(model, pool, batch, snaps, overrides)
-    assert plans and all(plan is None for plan in plans)
-    monkeypatch.setenv(native.DISABLE_ENV, "0")
-    native.refresh()
-    try:
-        want_logits, want_stats = _run_patched(model, pool, batch, snaps, overrides)
-    finally:
-        monkeypatch.undo()
-        native.refresh()
-    torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-5)
+    assert chosen == ["torch"]
+    want_logits, want_stats = _run_patched(model, pool, batch, snaps, overrides, "torch")
+    assert torch.equal(logits, want_logits)
     assert stats == want_stats
     layers = len(pool.layers)
     assert stats.total().observations == 2 * 5 * layers  # one row per layer, none twice

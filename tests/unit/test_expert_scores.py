@@ -1,11 +1,11 @@
-"""The expert-score kernel (every key against every token) against the plain product."""
+"""The expert-score kernel (every key against every token) against the plain product: the
+tiles the fused layer call (csrc/expert_layer.cpp) scores a decode step with."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from mora_runtime import patching
 from mora_runtime.cpu_kernels import kernels
 
 
@@ -19,21 +19,6 @@ def test_kernel_computes_the_product(tokens, slots, width):
     want = (x.double() @ keys.double().t()).float()
     got = kernels().expert_scores(x, keys)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * width**0.5)
-
-
-def test_patched_layers_take_the_kernel_only_for_small_inference_batches():
-    g = torch.Generator().manual_seed(0)
-    keys = torch.randn(12, 32, generator=g)
-    small, large = torch.randn(4, 32, generator=g), torch.randn(65, 32, generator=g)
-    assert not torch.equal(kernels().expert_scores(small, keys), small @ keys.t())  # tellable
-    with torch.inference_mode():
-        assert torch.equal(
-            patching._scores(small, keys, inference=True), kernels().expert_scores(small, keys)
-        )
-        assert torch.equal(patching._scores(large, keys, inference=True), large @ keys.t())
-        assert torch.equal(patching._scores(small, keys, inference=False), small @ keys.t())
-    with torch.enable_grad():  # gradients: the kernel has no backward
-        assert torch.equal(patching._scores(small, keys, inference=True), small @ keys.t())
 
 
 def test_kernel_refuses_mismatched_inputs():

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mora_runtime.backends.trainable import installed
 from mora_runtime.clip import ClipClassifier
 from mora_runtime.clip_default import (
     ClipRecipe,
@@ -122,7 +123,7 @@ def test_only_new_experts_change_and_old_sets_stay_bit_identical(lm) -> None:
     objective = LMObjective(lm.model, lm.tokenizer, EXAMPLES, eos_token_id=2, batch_size=2, seed=0)
     experts, log = learn_experts(pool, objective, CFG, progress=False)
 
-    assert pool.trainable is None and [e.name for e in pool.sets()] == ["old"]
+    assert installed(pool) is None and [e.name for e in pool.sets()] == ["old"]
     for path, (A, B) in pool_buffers(pool).items():
         assert torch.equal(A, before_pool[path][0]) and torch.equal(B, before_pool[path][1])
     after_base = lm.model.state_dict()

@@ -19,6 +19,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from mora_runtime.backends import trainable_experts
 from mora_runtime.context import ForwardContext
 from mora_runtime.experts import mora_delta
 from mora_runtime.patching import (
@@ -294,22 +295,20 @@ def test_trainable_experts_share_routing_and_get_the_only_gradients():
         p: (torch.nn.Parameter(A.clone()), torch.nn.Parameter(B.clone()))
         for p, (A, B) in random_set(pool, 4, seed=17).items()
     }
-    pool.attach_trainable(new, scale=2.0)
     x = ids()
-    with use_snapshots(pool, [pool.latest()], training=True):
+    latest = pool.latest()
+    with trainable_experts(pool, new, scale=2.0), use_snapshots(pool, [latest], training=True):
         loss = model(x).logits.square().mean()
     loss.backward()
     assert all(A.grad is not None and B.grad is not None for A, B in new.values())
     assert all(p.grad is None for p in model.parameters())  # base stays frozen
     # Inference with the same experts loaded as a set gives the same model (threshold aside).
-    pool.detach_trainable()
     with torch.no_grad():
         pool.add_set("new", {p: (A.detach(), B.detach()) for p, (A, B) in new.items()}, scale=2.0)
         with use_snapshots(pool, [pool.latest()], training=True):
             loaded = model(x).logits
         pool.retire_set("new")
-        pool.attach_trainable(new, scale=2.0)
-        with use_snapshots(pool, [pool.latest()], training=True):
+        latest = pool.latest()
+        with trainable_experts(pool, new, scale=2.0), use_snapshots(pool, [latest], training=True):
             attached = model(x).logits
-        pool.detach_trainable()
     torch.testing.assert_close(attached, loaded, rtol=1e-5, atol=1e-5)
