@@ -186,10 +186,18 @@ def parse_rss(text: str | None) -> dict[str, float]:
             if sample.name.removeprefix("ray_") == REPLICA_RSS:
                 who = f"{labels.get('deployment', '?')}/{labels.get('replica', '?')}"
                 out[f"replica:{who}"] = float(sample.value)
-            elif sample.name == COMPONENT_RSS and "Component" in labels:
-                key = f"component:{labels['Component']}"
+            elif sample.name == COMPONENT_RSS and sample.value > 0 and "Component" in labels:
+                key = f"component:{component_name(labels['Component'])}"
                 out[key] = out.get(key, 0.0) + float(sample.value) * 2**20
     return out
+
+
+def component_name(title: str) -> str:
+    """Ray names a worker's series after its process title, which carries the method it
+    runs ("ray::ServeReplica:mora:LMServer.handle_request"): the name without the method,
+    so one process keeps one series. A process's old title is exported as 0 until Ray
+    drops it; `parse_rss` skips those."""
+    return title.split(".", 1)[0] if title.startswith("ray::") else title
 
 
 async def drop_stream(

@@ -233,9 +233,11 @@ def plot_rss(result: SoakResult, summary: dict[str, Any], path: Path) -> Path:
 
     rss = summary["rss"]
     fig, ax = plt.subplots(figsize=(10, 3.6), dpi=90)
-    for name, s in rss["series"].items():
-        if not name.startswith("replica:") and "ServeReplica" not in name:
-            continue
+    # The replicas' own gauges; Ray's per-process series only for a server without them.
+    names = [n for n in rss["series"] if n.startswith("replica:")]
+    names = names or [n for n in rss["series"] if "ServeReplica" in n]
+    for name in names:
+        s = rss["series"][name]
         (line,) = ax.plot(s["t_s"], s["rss_mb"], marker=".", markersize=3, label=name[:60])
         stat = rss["stats"][name]
         slope = stat["slope_mb_per_min"]

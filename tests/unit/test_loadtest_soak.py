@@ -123,6 +123,11 @@ ray_mora_replica_rss_bytes{application="mora",deployment="ClipServer",model="c",
 # TYPE ray_component_rss_mb gauge
 ray_component_rss_mb{Component="ray::ServeReplica:mora:MoraIngress",ip="127.0.0.1"} 300.0
 ray_component_rss_mb{Component="raylet",ip="127.0.0.1"} 50.0
+ray_component_rss_mb{Component="ray::ServeReplica:mora:LMServer",ip="127.0.0.1"} 0.0
+ray_component_rss_mb{Component="ray::ServeReplica:mora:LMServer.handle_request"} 900.0
+ray_component_rss_mb{Component="ray::ServeReplica:mora:LMServer.generate",ip="127.0.0.1"} 1000.0
+ray_component_rss_mb{Component="ray::ProxyActor.receive_asgi_messages",ip="127.0.0.1"} 0.0
+ray_component_rss_mb{Component="/opt/venv/bin/python3.11",ip="127.0.0.1"} 20.0
 # HELP ray_mora_pool_version Pool version being served.
 # TYPE ray_mora_pool_version gauge
 ray_mora_pool_version{model="lm"} 3.0
@@ -130,11 +135,16 @@ ray_mora_pool_version{model="lm"} 3.0
 
 
 def test_parse_rss_keys_replicas_and_components() -> None:
+    """A worker's series is named after its process title, method included: the processes
+    of one deployment add up under its name without the method, and the zeros Ray exports
+    for titles no process has any more are no sample."""
     assert parse_rss(SCRAPE) == {
         "replica:LMServer/r1": 2.1e9,
         "replica:ClipServer/r2": 9e8,
         "component:ray::ServeReplica:mora:MoraIngress": 300.0 * 2**20,
         "component:raylet": 50.0 * 2**20,
+        "component:ray::ServeReplica:mora:LMServer": 1900.0 * 2**20,
+        "component:/opt/venv/bin/python3.11": 20.0 * 2**20,
     }
     assert parse_rss(None) == {}
 
