@@ -196,8 +196,11 @@ def component_name(title: str) -> str:
     """Ray names a worker's series after its process title, which carries the method it
     runs ("ray::ServeReplica:mora:LMServer.handle_request"): the name without the method,
     so one process keeps one series. A process's old title is exported as 0 until Ray
-    drops it; `parse_rss` skips those."""
-    return title.split(".", 1)[0] if title.startswith("ray::") else title
+    drops it; `parse_rss` skips those. A driver is named by its executable: its file name
+    only (a report names no path of the machine that ran it)."""
+    if title.startswith("ray::"):
+        return title.split(".", 1)[0]
+    return title.rsplit("/", 1)[-1]
 
 
 async def drop_stream(

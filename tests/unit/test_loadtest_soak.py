@@ -144,7 +144,7 @@ def test_parse_rss_keys_replicas_and_components() -> None:
         "component:ray::ServeReplica:mora:MoraIngress": 300.0 * 2**20,
         "component:raylet": 50.0 * 2**20,
         "component:ray::ServeReplica:mora:LMServer": 1900.0 * 2**20,
-        "component:/opt/venv/bin/python3.11": 20.0 * 2**20,
+        "component:python3.11": 20.0 * 2**20,
     }
     assert parse_rss(None) == {}
 
