@@ -117,11 +117,10 @@ class HotLoadCoordinator:
             return await asyncio.shield(running)
         future = asyncio.get_running_loop().create_task(self._run(op))
         self._inflight[key] = future
-        try:
-            return await asyncio.shield(future)
-        finally:
-            if future.done():
-                self._inflight.pop(key, None)
+        # The operation runs to its end even if every caller went away (shield); whenever it
+        # ends, the next identical request starts a new one instead of reusing this result.
+        future.add_done_callback(lambda _: self._inflight.pop(key, None))
+        return await asyncio.shield(future)
 
     async def _run(self, op: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()

@@ -14,7 +14,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
-from ray.exceptions import NodeDiedError, RayActorError, RayTaskError, WorkerCrashedError
+from ray.exceptions import (
+    GetTimeoutError,
+    RayError,
+    RayTaskError,
+    TaskCancelledError,
+)
 from ray.serve.exceptions import (
     BackPressureError,
     DeploymentUnavailableError,
@@ -39,20 +44,25 @@ RETRY_AFTER_S = 1
 # live replica); a short, growing pause lets Serve learn of the death first.
 REPLICA_RETRIES = 2
 REPLICA_RETRY_WAIT_S = 0.2
-_LOST = (
-    RayActorError,  # ActorDiedError, ActorUnavailableError
-    ReplicaUnavailableError,
-    DeploymentUnavailableError,
-    WorkerCrashedError,
-    NodeDiedError,
-)
+_SERVE_LOST = (ReplicaUnavailableError, DeploymentUnavailableError)
+# Ray errors that are about the request itself, not about where it ran.
+_NOT_LOST = (TaskCancelledError, GetTimeoutError)
 
 
 def replica_lost(exc: BaseException) -> bool:
-    """Whether `exc` says the replica (not the request) failed: safe to send elsewhere."""
-    if isinstance(exc, _LOST):
-        return True
-    return isinstance(exc, RayTaskError) and isinstance(getattr(exc, "cause", None), _LOST)
+    """Whether `exc` says the replica, its worker, node or objects (not the request's own
+    code) failed: a call that answered nothing yet is safe to send elsewhere.
+
+    Every Ray system error counts (a lost node shows up as several kinds: actor died, worker
+    crashed, node died, object or owner lost...); an application error raised in the
+    replica arrives as a RayTaskError wrapping it and does not.
+    """
+    if isinstance(exc, RayTaskError):
+        cause = getattr(exc, "cause", None)
+        return cause is not None and cause is not exc and replica_lost(cause)
+    if isinstance(exc, _NOT_LOST):
+        return False
+    return isinstance(exc, (RayError, *_SERVE_LOST))
 
 
 def lost_error(what: str) -> ServiceUnavailable:
@@ -93,6 +103,10 @@ class RayLMBackend:
                     started = True
                     yield event
                 return
+            except TaskCancelledError:
+                # Ray cancelled the call (the client went away and we cancelled it, or the
+                # replica is shutting down): a retryable answer, if anyone still listens.
+                raise lost_error("model") from None
             except Exception as exc:
                 if not replica_lost(exc):
                     raise

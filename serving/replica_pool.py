@@ -99,9 +99,9 @@ class ReplicaPool:
 
         def mutate() -> None:
             self.pool.apply(add=add, retire=retire, version=version)
-            # A set loaded again under an old name starts counting from zero.
-            for staged in add:
-                self.activations.pop(staged.name, None)
+            # A retired set's count goes with it; one loaded again starts from zero.
+            for name in [*retire, *(staged.name for staged in add)]:
+                self.activations.pop(name, None)
 
         self.exclusive(mutate)
 

@@ -10,6 +10,7 @@ import asyncio
 from typing import Any
 
 import pytest
+from ray import exceptions as ray_exceptions
 from ray.exceptions import ActorDiedError
 
 from serving import ingress
@@ -114,3 +115,30 @@ def test_classify_is_retried_then_503() -> None:
     with pytest.raises(ServiceUnavailable):
         asyncio.run(ingress.RayClipBackend(dead, "c").classify([], None, None))
     assert dead.calls == ingress.REPLICA_RETRIES + 1
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ActorDiedError(),
+        ray_exceptions.NodeDiedError("node gone"),
+        ray_exceptions.WorkerCrashedError(),
+        ray_exceptions.ObjectLostError("00" * 28, None, "generate"),
+        ray_exceptions.OwnerDiedError("00" * 28, None, "generate"),
+        ray_exceptions.RaySystemError("raylet gone"),
+        ray_exceptions.LocalRayletDiedError(),
+        ray_exceptions.ActorUnavailableError("restarting", None),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_every_way_a_node_or_replica_is_lost_is_retryable(error: Exception) -> None:
+    assert ingress.replica_lost(error)
+
+
+def test_the_request_s_own_errors_are_not_mistaken_for_a_lost_replica() -> None:
+    assert not ingress.replica_lost(ValueError("bad input"))
+    assert not ingress.replica_lost(ray_exceptions.TaskCancelledError())
+    wrapped = ray_exceptions.RayTaskError("generate", "Traceback ...", ValueError("bad"))
+    assert not ingress.replica_lost(wrapped)
+    died = ray_exceptions.RayTaskError("generate", "Traceback ...", ActorDiedError())
+    assert ingress.replica_lost(died)
