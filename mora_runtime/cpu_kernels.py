@@ -18,6 +18,7 @@ import logging
 import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ import torch
 from .paths import native_build_dir
 
 logger = logging.getLogger(__name__)
+# A build's lock file older than this belongs to a builder that died (builds take minutes).
+STALE_LOCK_S = 20 * 60
 
 _CSRC = Path(__file__).parent / "csrc"
 SOURCES = tuple(
@@ -68,6 +71,7 @@ def _load(name: str, sources: tuple[Path, ...], headers: tuple[Path, ...], flags
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     directory = native_build_dir(name, (*sources, *headers), torch.__version__, *flags)
     directory.mkdir(parents=True, exist_ok=True)
+    _drop_stale_lock(directory)
     try:
         # torch's loader locks the directory, so replicas starting together build once.
         return load(
@@ -81,6 +85,20 @@ def _load(name: str, sources: tuple[Path, ...], headers: tuple[Path, ...], flags
     except (ImportError, OSError, RuntimeError, subprocess.SubprocessError) as error:
         logger.warning("CPU extension %s unavailable (%s)", name, error)
         return None
+
+
+def _drop_stale_lock(directory: Path) -> None:
+    """torch's loader waits for as long as its `lock` file exists, and a build that was
+    killed leaves it behind: every later replica would then hang at its first forward. A
+    lock older than any build takes is a dead builder's, so it goes."""
+    lock = directory / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_S:
+        logger.warning("removing %s, left %.0f s ago by a build that did not finish", lock, age)
+        lock.unlink(missing_ok=True)
 
 
 @functools.lru_cache(maxsize=1)
