@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .engine_forward import (
-    decode_inputs,
+    decode_forward,
     forward,
     logprobs_of_prompt,
     prefill_inputs,
@@ -85,20 +85,9 @@ def decode(engine: Engine) -> dict[str, tuple[float, ...]]:
     """One token for every running sequence. On failure the cache and mask are as
     before the call (the forward may have written a column into some layers)."""
     seqs = engine._running
-    ids, positions, mask = decode_inputs(seqs, engine._mask, engine.device)  # mask: [S, L + 1]
     length = engine._cache.length
     try:
-        logits, routing = forward(
-            engine.model,
-            engine.pool,
-            seqs,
-            ids,
-            mask,
-            positions,
-            cache=engine._cache,
-            all_logits=False,
-            valid=None,
-        )
+        logits, routing, mask = decode_forward(engine, seqs, engine._mask, engine._cache)
         picks = sample(seqs, logits[:, -1].float())
     except Exception:
         engine._cache.truncate(length)

@@ -13,7 +13,7 @@ Shape legend: n = sequences in the pass, C = cached prefix columns, P = prompt l
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -25,6 +25,9 @@ from .patching import forward_context
 from .pool import ExpertPool
 from .prefix_cache import BLOCK, PrefixCache
 from .sampling import sample_next
+
+if TYPE_CHECKING:
+    from .engine import Engine
 
 
 def forward(
@@ -170,6 +173,26 @@ def decode_inputs(
     positions = torch.tensor([[s.position] for s in seqs], device=device)  # [n, 1]
     ones = torch.ones(len(seqs), 1, dtype=torch.long, device=device)
     return ids, positions, torch.cat([mask, ones], dim=1)  # mask: [n, L + 1]
+
+
+def decode_forward(
+    engine: Engine, seqs: list[_Sequence], mask: Tensor, cache: BatchKVCache
+) -> tuple[Tensor, Any, Tensor]:
+    """One decode forward of `seqs` (cache rows `cache`, attention mask `mask` [n, L]):
+    (logits [n, 1, V], the step's routing, the mask with the new column [n, L + 1])."""
+    ids, positions, mask = decode_inputs(seqs, mask, engine.device)
+    logits, routing = forward(
+        engine.model,
+        engine.pool,
+        seqs,
+        ids,
+        mask,
+        positions,
+        cache=cache,
+        all_logits=False,
+        valid=None,
+    )
+    return logits, routing, mask
 
 
 def sample(seqs: list[_Sequence], logits: Tensor, *, trial: bool = False) -> list:

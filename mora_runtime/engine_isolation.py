@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .engine_batch import decode, prefill, retire_rows
-from .engine_forward import decode_inputs, forward, sample
+from .engine_forward import decode_forward, sample
 from .engine_types import _Sequence, final_event
 
 if TYPE_CHECKING:
@@ -88,21 +88,8 @@ def _try_decode(engine: Engine, rows: list[int]) -> BaseException | None:
     seqs = [engine._running[row] for row in rows]
     index = torch.tensor(rows, device=engine.device)
     cache = engine._cache.copy_rows(index)
-    ids, positions, mask = decode_inputs(  # mask: [S', L + 1]
-        seqs, engine._mask.index_select(0, index), engine.device
-    )
     try:
-        logits, _ = forward(
-            engine.model,
-            engine.pool,
-            seqs,
-            ids,
-            mask,
-            positions,
-            cache=cache,
-            all_logits=False,
-            valid=None,
-        )
+        logits, _, _ = decode_forward(engine, seqs, engine._mask.index_select(0, index), cache)
         sample(seqs, logits[:, -1].float(), trial=True)
     except Exception as error:
         return error

@@ -39,6 +39,8 @@ from serving.protocol import (
     CompletionRequest,
     ExpertLoadRequest,
     Limits,
+)
+from serving.responses import (
     ModelCard,
     ModelList,
 )

@@ -28,11 +28,13 @@ from serving.errors import BadRequest, PayloadTooLarge, RequestTimeout
 from serving.openapi import errors, json_body, ok
 from serving.protocol import (
     ClassifyRequest,
+    parse_request,
+)
+from serving.responses import (
     ClassifyResponse,
     ImageLabels,
     LabelScore,
     MoraInfo,
-    parse_request,
 )
 
 if TYPE_CHECKING:

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from tests.integration.conftest import CLIP_NAME, png_base64, save_random_set
+from tests.integration.builders import png_base64, save_random_set
+from tests.integration.conftest import CLIP_NAME
 
 pytestmark = pytest.mark.integration
 

@@ -39,7 +39,8 @@ import httpx
 import pytest
 
 from serving.launcher import free_ports
-from tests.integration.conftest import ADMIN_TOKEN, LM_NAME, save_random_set, wait_for
+from tests.integration.builders import save_random_set
+from tests.integration.conftest import ADMIN_TOKEN, LM_NAME, wait_for
 
 pytestmark = pytest.mark.integration
 logger = logging.getLogger(__name__)

@@ -13,7 +13,8 @@ import openai
 import pytest
 import torch
 
-from tests.integration.conftest import LM_NAME, LONG_CONTEXT, wait_for
+from tests.integration.builders import LONG_CONTEXT
+from tests.integration.conftest import LM_NAME, wait_for
 
 pytestmark = pytest.mark.integration
 logger = logging.getLogger(__name__)

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.conftest import LM_NAME, save_random_set, wait_for
+from tests.integration.builders import save_random_set
+from tests.integration.conftest import LM_NAME, wait_for
 
 pytestmark = pytest.mark.integration
 

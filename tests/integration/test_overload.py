@@ -14,7 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.integration.conftest import LM_NAME, LONG_CONTEXT, wait_for
+from tests.integration.builders import LONG_CONTEXT
+from tests.integration.conftest import LM_NAME, wait_for
 
 pytestmark = pytest.mark.integration
 logger = logging.getLogger(__name__)

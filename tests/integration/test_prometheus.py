@@ -33,7 +33,8 @@ from loadtest.prometheus import (
 from loadtest.report import build_summary
 from loadtest.runner import RunConfig, run
 from loadtest.workload import Dist
-from tests.integration.conftest import ADMIN_TOKEN, free_ports, save_random_set, wait_for
+from tests.integration.builders import save_random_set
+from tests.integration.conftest import ADMIN_TOKEN, free_ports, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -12,12 +12,14 @@ from mora_runtime.stats import SequenceRouting
 from serving.errors import BadRequest, ContextLengthExceeded, validation_error
 from serving.protocol import (
     ClassifyRequest,
-    CompletionChunk,
     CompletionRequest,
     ExpertLoadRequest,
     Limits,
-    MoraInfo,
     parse_request,
+)
+from serving.responses import (
+    CompletionChunk,
+    MoraInfo,
 )
 from tests.serving import fakes
 

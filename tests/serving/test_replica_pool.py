@@ -17,7 +17,7 @@ from mora_runtime.store import ExpertSetError
 from serving.registry import Registry, RegistryEntry, RegistryState
 from serving.replica_pool import ReplicaPool
 from tests.conftest import build_tiny_llama
-from tests.integration.conftest import save_random_set
+from tests.integration.builders import save_random_set
 
 
 def run(coro: Any) -> Any:
