@@ -47,8 +47,8 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 bench: models
-	$(BIN)/python benchmarks/experts.py
-	$(BIN)/python benchmarks/engine.py
+	$(BIN)/python benchmarks/routing.py
+	$(BIN)/python benchmarks/decode.py
 
 # Learn one LM task and one CLIP task, hot-load both into a server it starts, show the change.
 demo: models

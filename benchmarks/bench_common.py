@@ -14,9 +14,9 @@ HERE = Path(__file__).resolve().parent
 
 
 def load_engine_benchmark() -> ModuleType:
-    """benchmarks/engine.py as a module, loaded by path: serving.py takes benchmarks/ off
+    """benchmarks/decode.py as a module, loaded by path: serving.py takes benchmarks/ off
     sys.path (its own name shadows the `serving` package) before it needs it."""
-    spec = importlib.util.spec_from_file_location("engine_benchmark", HERE / "engine.py")
+    spec = importlib.util.spec_from_file_location("engine_benchmark", HERE / "decode.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

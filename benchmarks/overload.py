@@ -89,7 +89,7 @@ def big(url: str, model: str, chars: int) -> tuple[int, float]:
 
 
 def measure(limits_on: bool, burst_n: int, root: Path) -> dict[str, tuple[int, float] | list]:
-    from serving import launcher
+    from serving.cluster import launcher
     from serving.config import ServerConfig
 
     http_port, metrics_port = launcher.free_ports(2)

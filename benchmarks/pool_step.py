@@ -21,11 +21,12 @@ from pathlib import Path
 import torch
 from bench_common import HERE, load_engine_benchmark, write_report
 
-from mora_runtime.backends.select import BACKEND_ENV
-from mora_runtime.engine import Engine, EngineConfig
-from mora_runtime.lm import load_causal_lm
-from mora_runtime.patching import patch_model, unpatch_model
-from mora_runtime.sampling import SamplingParams
+from mora_runtime.engine.core import Engine
+from mora_runtime.engine.params import SamplingParams
+from mora_runtime.engine.types import EngineConfig
+from mora_runtime.experts.backends.select import BACKEND_ENV
+from mora_runtime.experts.patching import patch_model, unpatch_model
+from mora_runtime.models.lm import load_causal_lm
 
 RESULTS = HERE / "results" / "pool_step.md"
 

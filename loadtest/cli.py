@@ -19,7 +19,7 @@ import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 
-from .workload import Dist, WorkloadError, parse_mix
+from loadtest.workload import Dist, WorkloadError, parse_mix
 
 MAX_DURATION_S = 3600.0
 
@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_config(args: argparse.Namespace):
-    from .runner import RunConfig
+    from loadtest.runner import RunConfig
 
     _check_urls(args)
     if not 0 <= args.warmup < args.duration:
@@ -166,7 +166,7 @@ def _hotload_paths(args: argparse.Namespace, count: int) -> tuple[str, ...]:
     if args.hotload_sets:
         return tuple(p.strip() for p in args.hotload_sets.split(",") if p.strip())
     if args.hotload_store:
-        from .hotload import generate_sets
+        from loadtest.hotload import generate_sets
 
         return tuple(
             generate_sets(
@@ -190,7 +190,7 @@ def _check_urls(args: argparse.Namespace) -> None:
 
 
 def _soak_config(args: argparse.Namespace):
-    from .soak import SoakConfig, SoakPlanError, plan_churn
+    from loadtest.soak import SoakConfig, SoakPlanError, plan_churn
 
     _check_urls(args)
     if args.metrics_url == "none":
@@ -244,7 +244,7 @@ def _soak_config(args: argparse.Namespace):
 
 
 def cmd_soak(args: argparse.Namespace) -> int:
-    from .soak_report import render_text, write_soak_outputs
+    from loadtest.soak_report import render_text, write_soak_outputs
 
     cfg = _soak_config(args)
     out = args.out or Path("runs") / f"soak-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -260,7 +260,7 @@ def cmd_soak(args: argparse.Namespace) -> int:
 async def _soak_with_progress(cfg):
     from tqdm import tqdm
 
-    from .soak import run_soak
+    from loadtest.soak import run_soak
 
     with tqdm(total=round(cfg.duration_s), unit="s", desc="soak", disable=not cfg.progress) as bar:
 
@@ -282,8 +282,8 @@ async def _soak_with_progress(cfg):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .report import render_text, write_outputs
-    from .runner import run
+    from loadtest.report import render_text, write_outputs
+    from loadtest.runner import run
 
     if args.scenario == "soak":
         return cmd_soak(args)
@@ -298,7 +298,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import compare, load_summary, render
+    from loadtest.compare import compare, load_summary, render
 
     checks = compare(
         load_summary(args.base),
@@ -317,14 +317,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from .compare import CompareError
+    from loadtest.compare import CompareError
 
     try:
         if args.command == "run":
             return cmd_run(args)
         if args.command == "compare":
             return cmd_compare(args)
-        from .observe import observe
+        from loadtest.observe import observe
 
         return observe(args.config, args.prometheus_port, install=not args.no_install)
     except (UsageError, WorkloadError, CompareError) as exc:

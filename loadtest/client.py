@@ -15,8 +15,8 @@ from typing import Any
 
 import httpx
 
-from .metrics import RequestRecord
-from .workload import RequestSpec, sample_image_png
+from loadtest.metrics import RequestRecord
+from loadtest.workload import RequestSpec, sample_image_png
 
 Clock = Callable[[], float]
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .report import SCHEMA
+from loadtest.report import SCHEMA
 
 LATENCIES = ("ttft_s", "itl_s", "tpot_s", "e2e_s")
 LATENCY_PERCENTILES = ("p50", "p95", "p99")

@@ -14,8 +14,8 @@ import logging
 import time
 from pathlib import Path
 
-from .client import LoadClient
-from .metrics import HotLoadEvent
+from loadtest.client import LoadClient
+from loadtest.metrics import HotLoadEvent
 
 logger = logging.getLogger(__name__)
 
@@ -33,9 +33,10 @@ def generate_sets(
     model) into `store`; returns their paths relative to the store."""
     import torch
 
-    from mora_runtime.lm import load_causal_lm
-    from mora_runtime.patching import find_target_modules
-    from mora_runtime.store import ExpertSet, ExpertSetMeta, base_fingerprint, save_expert_set
+    from mora_runtime.expert_sets.format import ExpertSet, ExpertSetMeta, base_fingerprint
+    from mora_runtime.expert_sets.store import save_expert_set
+    from mora_runtime.experts.patching import find_target_modules
+    from mora_runtime.models.lm import load_causal_lm
 
     lm = load_causal_lm(model_dir)
     modules = find_target_modules(lm.model)

@@ -16,7 +16,7 @@ import threading
 import urllib.parse
 from pathlib import Path
 
-from .prometheus import (
+from loadtest.prometheus import (
     REPO,
     PrometheusServer,
     PrometheusUnavailable,
@@ -36,7 +36,7 @@ SAMPLE_QUERIES = (
 
 def observe(config_path: Path | None, prometheus_port: int, install: bool = True) -> int:
     from mora_runtime.cli import prepare_models
-    from serving import launcher
+    from serving.cluster import launcher
     from serving.config import load_config
 
     try:

@@ -8,8 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .metrics import e2e, itl_gaps, ttft
-from .runner import RunResult
+from loadtest.metrics import e2e, itl_gaps, ttft
+from loadtest.runner import RunResult
 
 DPI = 90
 

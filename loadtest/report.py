@@ -15,8 +15,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from .metrics import FORMULAS, hotload_block, summarize, timeseries
-from .runner import RunResult
+from loadtest.metrics import FORMULAS, hotload_block, summarize, timeseries
+from loadtest.runner import RunResult
 
 SCHEMA = "mora-loadtest/1"
 KEEP_LABELS = ("model", "module_kind", "endpoint", "code", "expert_set", "result")
@@ -159,7 +159,7 @@ def write_outputs(result: RunResult, out_dir: Path, *, plots: bool = True) -> di
         (out_dir / "metrics_after.prom").write_text(mora_lines(result.scrape_after))
     summary["files"] = ["summary.json", "requests.jsonl"]
     if plots:
-        from .plots import plot_all
+        from loadtest.plots import plot_all
 
         summary["files"] += plot_all(result, summary, out_dir)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

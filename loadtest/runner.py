@@ -13,10 +13,10 @@ from typing import Any
 
 import httpx
 
-from .client import LoadClient
-from .hotload import run_hotloads, timed_admin
-from .metrics import HotLoadEvent, RequestRecord
-from .workload import Dist, RequestFactory, RequestSpec, arrival_times
+from loadtest.client import LoadClient
+from loadtest.hotload import run_hotloads, timed_admin
+from loadtest.metrics import HotLoadEvent, RequestRecord
+from loadtest.workload import Dist, RequestFactory, RequestSpec, arrival_times
 
 logger = logging.getLogger(__name__)
 

@@ -25,10 +25,10 @@ from typing import Any
 
 import httpx
 
-from .client import LoadClient
-from .hotload import timed_admin
-from .metrics import HotLoadEvent, RequestRecord
-from .workload import Dist, RequestFactory, make_prompt
+from loadtest.client import LoadClient
+from loadtest.hotload import timed_admin
+from loadtest.metrics import HotLoadEvent, RequestRecord
+from loadtest.workload import Dist, RequestFactory, make_prompt
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .soak import SoakResult
+from loadtest.soak import SoakResult
 
 SCHEMA = "mora-loadtest-soak/1"
 MB = 1e6

@@ -8,8 +8,6 @@ sets up logging, dispatches, and turns user errors into one line on stderr.
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import logging
 import os
 import sys
@@ -26,7 +24,6 @@ logger = logging.getLogger(__name__)
 # Adds one or more subcommands to the top-level subparsers (the `register(subparsers)` hook).
 Registrar = Callable[[Any], None]
 
-PEFT_IMPORT_MODULE = "mora_runtime.peft_import"
 MODEL_KINDS = ("causal_lm", "clip")
 
 
@@ -36,7 +33,7 @@ class CLIError(Exception):
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions `run` reports without a traceback (anything else is a bug and keeps one)."""
-    from mora_runtime.lm import ModelNotAvailableError
+    from mora_runtime.models.lm import ModelNotAvailableError
 
     return (
         CLIError,
@@ -123,9 +120,9 @@ def prepare_models(
     force: bool = False, *, lm: bool = True, clip: bool = True
 ) -> dict[str, Path | None]:
     """Prepare the default models asked for (and the CPU kernels); returns `{name: dir}`."""
-    from mora_runtime import cpu_kernels
-    from mora_runtime.clip_default import prepare_default_clip
-    from mora_runtime.lm import default_lm_is_prepared, prepare_default_lm
+    from mora_runtime.cpu import build as cpu_kernels
+    from mora_runtime.learn.pretrain_clip import prepare_default_clip
+    from mora_runtime.models.lm import default_lm_is_prepared, prepare_default_lm
 
     prepared: dict[str, Path | None] = {}
     print("CPU kernels (MoRA layer, int4, attention): building once (about a minute) ...")
@@ -162,11 +159,11 @@ def _cmd_models_prepare(args: argparse.Namespace) -> int:
 
 def _cmd_models_path(args: argparse.Namespace) -> int:
     if args.which == "lm":
-        from mora_runtime.lm import default_lm_is_prepared as is_prepared
+        from mora_runtime.models.lm import default_lm_is_prepared as is_prepared
 
         directory = default_lm_dir()
     else:
-        from mora_runtime.clip_default import default_clip_is_prepared as is_prepared
+        from mora_runtime.learn.pretrain_clip import default_clip_is_prepared as is_prepared
 
         directory = default_clip_dir()
     if not is_prepared():
@@ -238,7 +235,7 @@ def _positive_float(text: str) -> float:
 
 
 def _cmd_import_peft(args: argparse.Namespace) -> int:
-    from mora_runtime.store import NAME_PATTERN
+    from mora_runtime.expert_sets.format import NAME_PATTERN
 
     name = args.name or args.out.resolve().name
     if not NAME_PATTERN.fullmatch(name):
@@ -248,12 +245,7 @@ def _cmd_import_peft(args: argparse.Namespace) -> int:
         raise CLIError(f"adapter directory {args.adapter_dir} does not exist")
     if args.base is not None and not args.base.is_dir():
         raise CLIError(f"base model directory {args.base} does not exist")
-    try:
-        peft_import = importlib.import_module(PEFT_IMPORT_MODULE)
-    except ModuleNotFoundError as error:
-        if error.name != PEFT_IMPORT_MODULE:
-            raise
-        raise CLIError(f"{PEFT_IMPORT_MODULE} is not available in this version") from error
+    from mora_runtime.expert_sets import peft_import
 
     # Only what the user gave: the converter's own defaults apply to the rest.
     options: dict[str, Any] = {
@@ -280,7 +272,7 @@ def _load_base(base: Path | None, kind: str) -> Any:
     if kind == "causal_lm":
         import torch
 
-        from mora_runtime.lm import load_causal_lm
+        from mora_runtime.models.lm import load_causal_lm
 
         return load_causal_lm(base, device="cpu", dtype=torch.float32).model
     directory = default_clip_dir() if base is None else base

@@ -4,7 +4,7 @@ Dependency direction: this module imports `mora_runtime.cli` and extends its par
 runtime never imports `serving`.
 
 `serve` prepares the bundled default models the config uses, then runs the server
-(`serving.launcher.run`) until Ctrl-C.
+(`serving.cluster.launcher.run`) until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mora_runtime.cli import CLIError, build_parser, prepare_models, run
-
-from . import experts_cli
+from serving import experts_cli
 
 
 def register(subparsers: Any) -> None:
@@ -32,8 +31,8 @@ def register(subparsers: Any) -> None:
 def _cmd_serve(args: argparse.Namespace) -> int:
     if args.config is not None and not args.config.is_file():
         raise CLIError(f"config file {args.config} does not exist")
-    from .config import load_config
-    from .launcher import run as serve
+    from serving.cluster.launcher import run as serve
+    from serving.config import load_config
 
     cfg = load_config(args.config)
     # Only the bundled defaults the config actually serves need preparing.

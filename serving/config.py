@@ -2,7 +2,7 @@
 
 The YAML is Ray Serve's own config format (`serve run` / `serve deploy` accept it): the
 MoRA settings are the `args` of the application whose `import_path` is
-`serving.deployments:build_app`, and `http_options` gives host and port.
+`serving.cluster.deployments:build_app`, and `http_options` gives host and port.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ class LMSettings(_Strict):
     replicas: int = Field(1, ge=1)
     targets: list[str] | None = None  # None: q/k/v/o (Llama family) or the family's preset
     # "auto": int4 for a model that is 4-bit at its source (the bundled GGUF) on a CPU, else
-    # float; "float" keeps the checkpoint's weights; "int4" quantises (mora_runtime.quantize).
+    # float; "float" keeps the checkpoint's weights; "int4" quantises
+    # (mora_runtime/models/quantize.py).
     weights: Literal["auto", "float", "int4"] = "auto"
     pool_capacity: int = Field(256, ge=1)
     max_running: int = Field(32, ge=1)

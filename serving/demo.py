@@ -1,7 +1,7 @@
 """`python -m serving.demo`: learn two tasks, hot-load them into a running server, and watch.
 
-1. Start the server in this process (`serving.launcher.start`) on free loopback ports, with an
-   admin token and a temporary expert store.
+1. Start the server in this process (`serving.cluster.launcher.start`) on free loopback
+   ports, with an admin token and a temporary expert store.
 2. Ask the base models: completions of unit-conversion prompts, a classification of colour patches.
 3. Learn one LM task and one CLIP task from the built-in suites (short runs, `mora learn`'s
    code path), writing both expert sets into the store.
@@ -36,10 +36,9 @@ from mora_runtime.learn.export import export_task
 from mora_runtime.learn.learn_task import defaults_for, learn_from_files
 from mora_runtime.learn.suites_clip import class_names, task_data
 from mora_runtime.learn.suites_lm import get_task
-from serving.launcher import free_ports
-
-from . import launcher
-from .config import ServerConfig
+from serving.cluster import launcher
+from serving.cluster.launcher import free_ports
+from serving.config import ServerConfig
 
 logger = logging.getLogger("mora.demo")
 T = TypeVar("T")

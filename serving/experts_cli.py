@@ -1,6 +1,6 @@
 """`mora experts list|load|retire` and `mora learn --load`: the admin routes from the shell.
 
-A thin httpx client of `GET/POST/DELETE /v1/experts` (serving/routes_experts.py). The admin
+A thin httpx client of `GET/POST/DELETE /v1/experts` (serving/http/routes_experts.py). The admin
 token comes from `--token`, else `$MORA_ADMIN_TOKEN` (the variable the server reads too).
 `load` uploads a local expert-set directory as a zip (it works whether or not the directory
 is inside the server's expert store, and with a server on another machine); with
@@ -27,7 +27,7 @@ from mora_runtime.cli import CLIError
 ADMIN_TOKEN_ENV = "MORA_ADMIN_TOKEN"  # the same variable as serving.config.ADMIN_TOKEN_ENV
 DEFAULT_URL = "http://127.0.0.1:8000"
 EXPERTS_ROUTE = "/v1/experts"
-# The files of an expert set (mora_runtime/expert_set.py); only these travel in an upload.
+# The files of an expert set (mora_runtime/expert_sets/format.py); only these travel in an upload.
 SET_FILES = ("expert_set.json", "expert_set.safetensors")
 # Loading validates the set on every replica before committing it: allow for that.
 DEFAULT_TIMEOUT_S = 300.0

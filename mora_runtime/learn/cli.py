@@ -115,9 +115,8 @@ def _register_learn(subparsers: Any) -> None:
 
 
 def _cmd_learn(args: argparse.Namespace) -> int:
-    from mora_runtime.store import NAME_PATTERN
-
-    from .learn_task import defaults_for, learn_from_files
+    from mora_runtime.expert_sets.format import NAME_PATTERN
+    from mora_runtime.learn.learn_task import defaults_for, learn_from_files
 
     if not NAME_PATTERN.fullmatch(args.name):
         raise ValueError(f"--name {args.name!r} must match {NAME_PATTERN.pattern}")
@@ -180,7 +179,7 @@ def _register_tasks(subparsers: Any) -> None:
 
 
 def _cmd_tasks_list(args: argparse.Namespace) -> int:
-    from . import suites_clip, suites_lm
+    from mora_runtime.learn import suites_clip, suites_lm
 
     for name, task in suites_lm.TASKS.items():
         marker = "*" if name in suites_lm.DEFAULT_TASKS else " "
@@ -195,7 +194,7 @@ def _cmd_tasks_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_tasks_export(args: argparse.Namespace) -> int:
-    from .export import export_task
+    from mora_runtime.learn.export import export_task
 
     written = export_task(
         args.name, args.dir, train_size=args.train_size, test_size=args.test_size, seed=args.seed
@@ -254,7 +253,7 @@ def _register_eval(subparsers: Any) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import SUITE_DEFAULTS, EvalOptions, run_suite
+    from mora_runtime.learn.evaluate import SUITE_DEFAULTS, EvalOptions, run_suite
 
     if args.clip_logit_scale is not None and args.suite != "clip":
         raise ValueError("--clip-logit-scale applies to --suite clip only")
@@ -276,7 +275,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             clip_logit_scale=args.clip_logit_scale,
         )
     )
-    from .report import markdown
+    from mora_runtime.learn.report import markdown
 
     print(markdown(report))
     print("written: " + ", ".join(report["files"].values()))

@@ -27,11 +27,16 @@ from typing import Any, Protocol
 
 import torch
 
-from mora_runtime.store import utc_now_iso
-
-from .metrics import continual_metrics
-from .results import TaskResult
-from .trainer import CLIP_DEFAULTS, LM_DEFAULTS, LearnConfig, TrainLog, thread_budget
+from mora_runtime.expert_sets.format import utc_now_iso
+from mora_runtime.learn.metrics import continual_metrics
+from mora_runtime.learn.results import TaskResult
+from mora_runtime.learn.trainer import (
+    CLIP_DEFAULTS,
+    LM_DEFAULTS,
+    LearnConfig,
+    TrainLog,
+    thread_budget,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -239,8 +244,8 @@ def build_harness(options: EvalOptions) -> Harness:
     if options.clip_logit_scale is not None and options.suite != "clip":
         raise ValueError("clip_logit_scale applies to the clip suite only")
     if options.suite == "lm":
-        from .harness_lm import LMHarness
-        from .suites_lm import DEFAULT_TASKS, TEST_SIZE
+        from mora_runtime.learn.harness_lm import LMHarness
+        from mora_runtime.learn.suites_lm import DEFAULT_TASKS, TEST_SIZE
 
         return LMHarness(
             options.tasks or DEFAULT_TASKS,
@@ -251,8 +256,8 @@ def build_harness(options: EvalOptions) -> Harness:
             progress=options.progress,
         )
     if options.suite == "clip":
-        from .harness_clip import ClipHarness
-        from .suites_clip import DEFAULT_TASKS
+        from mora_runtime.learn.harness_clip import ClipHarness
+        from mora_runtime.learn.suites_clip import DEFAULT_TASKS
 
         return ClipHarness(
             options.tasks or DEFAULT_TASKS,
@@ -273,7 +278,7 @@ def run_suite(options: EvalOptions) -> dict[str, Any]:
 
 
 def _run_suite(options: EvalOptions, threads: int) -> dict[str, Any]:
-    from .report import write_report
+    from mora_runtime.learn.report import write_report
 
     torch.manual_seed(options.cfg.seed)
     started = time.perf_counter()

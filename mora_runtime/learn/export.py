@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from . import suites_clip, suites_lm
-from .data import write_image_folder, write_lm_jsonl
+from mora_runtime.learn import suites_clip, suites_lm
+from mora_runtime.learn.data import write_image_folder, write_lm_jsonl
 
 
 def resolve_task(name: str) -> tuple[str, str]:

@@ -14,9 +14,11 @@ from typing import Any
 
 from torch import nn
 
-from mora_runtime.engine import Engine, EngineConfig, SamplingParams, TokenEvent
-from mora_runtime.pool import ExpertPool
-from mora_runtime.stats import SequenceRouting
+from mora_runtime.engine.core import Engine
+from mora_runtime.engine.params import SamplingParams
+from mora_runtime.engine.types import EngineConfig, TokenEvent
+from mora_runtime.experts.pool import ExpertPool
+from mora_runtime.experts.stats import SequenceRouting
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ def _run_wave(
     for index in wave:
         engine.submit(ids[index], params, lambda event, i=index: on_event(i, event))
     # Stepped on this thread, the one that trains: a second thread doing torch work would
-    # slow both (mora_runtime/openmp.py).
+    # slow both (mora_runtime/cpu/openmp.py).
     while remaining:
         if not (engine.num_running or engine.num_waiting):
             raise RuntimeError("the engine went idle with requests unanswered")

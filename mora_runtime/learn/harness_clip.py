@@ -17,15 +17,14 @@ from pathlib import Path
 
 import torch
 
-from mora_runtime.patching import find_target_modules
-
-from . import suites_clip
-from .data import ImageDataset
-from .learn_task import learn_clip
-from .lora_baseline import LoRA
-from .objectives import ClipObjective, training_logit_scale
-from .results import TaskResult, routing_result
-from .trainer import LearnConfig, TrainLog, add_to_pool, optimize
+from mora_runtime.experts.patching import find_target_modules
+from mora_runtime.learn import suites_clip
+from mora_runtime.learn.data import ImageDataset
+from mora_runtime.learn.learn_task import learn_clip
+from mora_runtime.learn.lora_baseline import LoRA
+from mora_runtime.learn.objectives import ClipObjective, training_logit_scale
+from mora_runtime.learn.results import TaskResult, routing_result
+from mora_runtime.learn.trainer import LearnConfig, TrainLog, add_to_pool, optimize
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +47,8 @@ class ClipHarness:
         progress: bool = True,
         task_logit_scale: float | None = None,
     ) -> None:
-        from mora_runtime.clip import ClipClassifier
-        from mora_runtime.clip_default import load_clip
+        from mora_runtime.models.clip import ClipClassifier
+        from mora_runtime.models.clip_loading import load_clip
 
         if task_logit_scale is not None and not task_logit_scale > 0:
             raise ValueError(f"the task logit scale must be positive, got {task_logit_scale}")

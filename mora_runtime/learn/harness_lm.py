@@ -15,16 +15,15 @@ from pathlib import Path
 
 import torch
 
-from mora_runtime.patching import find_target_modules, patch_model
-
-from .data import LMExample
-from .generation import generate_greedy
-from .learn_task import learn_lm
-from .lora_baseline import LoRA
-from .objectives import LMObjective
-from .results import TaskResult, routing_result
-from .suites_lm import TEST_SIZE, get_task, score
-from .trainer import LearnConfig, TrainLog, add_to_pool, optimize
+from mora_runtime.experts.patching import find_target_modules, patch_model
+from mora_runtime.learn.data import LMExample
+from mora_runtime.learn.generation import generate_greedy
+from mora_runtime.learn.learn_task import learn_lm
+from mora_runtime.learn.lora_baseline import LoRA
+from mora_runtime.learn.objectives import LMObjective
+from mora_runtime.learn.results import TaskResult, routing_result
+from mora_runtime.learn.suites_lm import TEST_SIZE, get_task, score
+from mora_runtime.learn.trainer import LearnConfig, TrainLog, add_to_pool, optimize
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +43,7 @@ class LMHarness:
         test_size: int = TEST_SIZE,
         progress: bool = True,
     ) -> None:
-        from mora_runtime.lm import load_causal_lm
+        from mora_runtime.models.lm import load_causal_lm
 
         self.cfg = cfg
         self.progress = progress

@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from mora_runtime.pool import ExpertPool
-from mora_runtime.store import ExpertSet, save_expert_set
-
-from .data import (
+from mora_runtime.expert_sets.format import ExpertSet
+from mora_runtime.expert_sets.store import save_expert_set
+from mora_runtime.experts.pool import ExpertPool
+from mora_runtime.learn.data import (
     DataError,
     ImageDataset,
     LMExample,
@@ -29,8 +29,8 @@ from .data import (
     read_image_data,
     read_lm_jsonl,
 )
-from .objectives import ClipObjective, LMObjective
-from .trainer import (
+from mora_runtime.learn.objectives import ClipObjective, LMObjective
+from mora_runtime.learn.trainer import (
     CLIP_DEFAULTS,
     LM_DEFAULTS,
     LearnConfig,
@@ -51,7 +51,7 @@ def defaults_for(kind: str) -> LearnConfig:
 
 
 def learn_lm(
-    lm: Any,  # mora_runtime.lm.LoadedLM, patched
+    lm: Any,  # mora_runtime.models.lm.LoadedLM, patched
     pool: ExpertPool,
     examples: Sequence[LMExample],
     cfg: LearnConfig,
@@ -83,7 +83,7 @@ def learn_lm(
 
 
 def learn_clip(
-    classifier: Any,  # mora_runtime.clip.ClipClassifier, patched
+    classifier: Any,  # mora_runtime.models.clip.ClipClassifier, patched
     data: ImageDataset,
     cfg: LearnConfig,
     *,
@@ -174,8 +174,8 @@ def _learn_from_files(
     extra = {"data": str(data_path), "base_model_dir": None if base is None else str(base)}
     if model_kind == "causal_lm":
         examples = read_lm_jsonl(data_path)  # validate the data before loading any model
-        from mora_runtime.lm import load_causal_lm
-        from mora_runtime.patching import patch_model
+        from mora_runtime.experts.patching import patch_model
+        from mora_runtime.models.lm import load_causal_lm
 
         lm = load_causal_lm(base, device="cpu", dtype=torch.float32)
         lm.model.requires_grad_(False)
@@ -186,8 +186,8 @@ def _learn_from_files(
         data = read_image_data(data_path)
         if len(data.class_names) < 2:
             raise DataError(f"{data_path}: a CLIP task needs at least two classes")
-        from mora_runtime.clip import ClipClassifier
-        from mora_runtime.clip_default import load_clip
+        from mora_runtime.models.clip import ClipClassifier
+        from mora_runtime.models.clip_loading import load_clip
 
         classifier = ClipClassifier(load_clip(base, device="cpu"))
         pool = classifier.patch(cfg.routing)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .trainer import init_experts
+from mora_runtime.learn.trainer import init_experts
 
 LoRAState = dict[str, tuple[Tensor, Tensor]]
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .data import ImageDataset, LMExample
+from mora_runtime.learn.data import ImageDataset, LMExample
 
 IGNORE = -100
 
@@ -182,14 +182,14 @@ class ClipObjective:
 
     def __init__(
         self,
-        clip: Any,  # mora_runtime.clip_default.LoadedClip
+        clip: Any,  # mora_runtime.models.clip_loading.LoadedClip
         data: ImageDataset,
         *,
         batch_size: int,
         seed: int,
         prompts: Sequence[str],
     ) -> None:
-        from mora_runtime.clip_default import pixel_values
+        from mora_runtime.models.clip_loading import pixel_values
 
         if len(prompts) != len(data.class_names):
             raise ValueError("one prompt per class name is needed")

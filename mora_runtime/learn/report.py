@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .metrics import MIN_GAIN, gain_kept
-from .plots import plot_matrices
+from mora_runtime.learn.metrics import MIN_GAIN, gain_kept
+from mora_runtime.learn.plots import plot_matrices
 
 _METRIC_NAMES = (("transfer", "Transfer"), ("average", "Average"), ("last", "Last"), ("bwt", "BWT"))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from mora_runtime.stats import SequenceRouting
+from mora_runtime.experts.stats import SequenceRouting
 
 
 @dataclass(frozen=True)

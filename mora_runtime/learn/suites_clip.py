@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from . import domains
-from .data import ImageDataset
+from mora_runtime.learn import domains
+from mora_runtime.learn.data import ImageDataset
 
 DEFAULT_TASKS: tuple[str, ...] = domains.CONTINUAL_DOMAINS
 BASE_TASK = domains.BASE_DOMAIN

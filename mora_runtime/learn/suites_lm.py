@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
-from .data import LMExample
+from mora_runtime.learn.data import LMExample
 
 TRAIN_SIZE = 240
 TEST_SIZE = 40

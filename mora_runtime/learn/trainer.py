@@ -25,17 +25,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mora_runtime.backends import trainable_experts
-from mora_runtime.context import ForwardContext
-from mora_runtime.patching import forward_context
-from mora_runtime.pool import ExpertPool, RoutingConfig
-from mora_runtime.store import (
+from mora_runtime.expert_sets.format import (
     ExpertSet,
     ExpertSetError,
     ExpertSetMeta,
     base_fingerprint,
-    load_expert_set,
 )
+from mora_runtime.expert_sets.store import load_expert_set
+from mora_runtime.experts.backends.trainable import trainable_experts
+from mora_runtime.experts.context import ForwardContext, forward_context
+from mora_runtime.experts.pool import ExpertPool
+from mora_runtime.experts.slots import RoutingConfig
 
 logger = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ def save_tiny_lm(directory: Path) -> Path:
 
 
 def save_tiny_clip(directory: Path) -> Path:
-    from mora_runtime.clip_default import (
+    from mora_runtime.learn.clip_build import (
         ClipRecipe,
         build_clip,
         build_image_processor,
@@ -69,8 +69,9 @@ def save_random_set(
     Keys are spread (x3 over unit scale) so a fair share of tokens pass the routing
     threshold; `gain` sets how hard an active expert pushes the output.
     """
-    from mora_runtime.patching import find_target_modules
-    from mora_runtime.store import ExpertSet, ExpertSetMeta, base_fingerprint, save_expert_set
+    from mora_runtime.expert_sets.format import ExpertSet, ExpertSetMeta, base_fingerprint
+    from mora_runtime.expert_sets.store import save_expert_set
+    from mora_runtime.experts.patching import find_target_modules
 
     modules = find_target_modules(model)
     g = torch.Generator().manual_seed(seed)

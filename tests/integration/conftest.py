@@ -1,11 +1,11 @@
 """Integration tier: one real local Ray Serve on loopback for the whole run, tiny models.
 
 `ServeCluster` owns that one instance: free ports for HTTP and metrics, a temporary expert
-store, Ray + Serve started through `serving.launcher.start` and stopped through
-`serving.launcher.stop`, then a check that no process of that Ray session is left. Tests that
-need another configuration redeploy the "mora" application (`ServeCluster.deploy`) instead
-of restarting Ray. tests/slow shares the class (`acquire`/`release` are counted), so one
-pytest run never starts two Ray instances.
+store, Ray + Serve started through `serving.cluster.launcher.start` and stopped through
+`serving.cluster.launcher.stop`, then a check that no process of that Ray session is left.
+Tests that need another configuration redeploy the "mora" application
+(`ServeCluster.deploy`) instead of restarting Ray. tests/slow shares the class
+(`acquire`/`release` are counted), so one pytest run never starts two Ray instances.
 
 The tiny LM is the fixture Llama of tests/conftest.py with two changes that keep its weights'
 fingerprint: a 32k context and an end-of-sequence logit pinned to 0 (lm_head row zeroed),
@@ -29,8 +29,8 @@ from typing import Any, ClassVar, TypeVar
 import httpx
 import pytest
 
+from serving.cluster.launcher import free_ports
 from serving.config import APP_NAME, ServerConfig
-from serving.launcher import free_ports
 from tests.integration.builders import (
     save_tiny_clip,
     save_tiny_lm,
@@ -111,7 +111,7 @@ class ServeCluster:
             shutil.rmtree(self.root, ignore_errors=True)
 
     def _stop(self) -> None:
-        from serving import launcher
+        from serving.cluster import launcher
 
         if self.cfg is None:
             return
@@ -155,8 +155,8 @@ class ServeCluster:
         import ray
         from ray import serve
 
-        from serving import launcher
-        from serving.deployments import build_app
+        from serving.cluster import launcher
+        from serving.cluster.deployments import build_app
 
         if cfg == self.cfg:
             return
@@ -180,7 +180,7 @@ class ServeCluster:
         import ray
         from ray import serve
 
-        from serving.registry import ACTOR_NAME, NAMESPACE
+        from serving.cluster.registry import ACTOR_NAME, NAMESPACE
 
         serve.delete(APP_NAME)
         with contextlib.suppress(ValueError):
@@ -312,14 +312,14 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_lm(tiny_lm_dir):
     """The same LM loaded in the test process: the greedy reference and set fingerprints."""
-    from mora_runtime.lm import load_causal_lm
+    from mora_runtime.models.lm import load_causal_lm
 
     return load_causal_lm(tiny_lm_dir, device="cpu")
 
 
 @pytest.fixture(scope="session")
 def tiny_clip(tiny_clip_dir):
-    from mora_runtime.clip_default import load_clip
+    from mora_runtime.models.clip_loading import load_clip
 
     return load_clip(tiny_clip_dir, device="cpu")
 

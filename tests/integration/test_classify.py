@@ -49,7 +49,7 @@ def probabilities(result: dict, labels: list[str]) -> torch.Tensor:
 
 
 def test_classify_base64_matches_the_classifier_in_process(server, images, tiny_clip) -> None:
-    from mora_runtime.clip import ClipClassifier
+    from mora_runtime.models.clip import ClipClassifier
 
     result = classify(server, images, LABELS)
     assert result["model"] == CLIP_NAME

@@ -277,7 +277,7 @@ def test_late_replica_serves_the_committed_pool(server, tiny_lm) -> None:
     replica Serve starts in its place must come up with the committed pool."""
     import ray
 
-    from serving.registry import ACTOR_NAME, NAMESPACE
+    from serving.cluster.registry import ACTOR_NAME, NAMESPACE
 
     save_random_set(tiny_lm.model, server.store_root / "hot-c", "hot-c", seed=3)
     response = server.load("hot-c")

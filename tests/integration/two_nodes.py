@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from serving.launcher import free_ports
+from serving.cluster.launcher import free_ports
 from tests.integration.conftest import ADMIN_TOKEN, LM_NAME, wait_for
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ http_options: {{host: 127.0.0.1, port: {port}}}
 applications:
   - name: mora
     route_prefix: /
-    import_path: serving.deployments:build_app
+    import_path: serving.cluster.deployments:build_app
     args:
       expert_store: {store}
       lm: {{model_dir: {lm_dir}, served_name: {lm}, replicas: 2, num_cpus: 0, torch_threads: 1}}

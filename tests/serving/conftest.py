@@ -10,7 +10,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from serving.api import ApiSettings, create_app
+from serving.http.api import ApiSettings, create_app
 from tests.serving import fakes
 
 ADMIN_TOKEN = "admin-secret"

@@ -1,6 +1,6 @@
 """Test doubles for the serving layer: a byte-level fake LM, a fake CLIP, a fake admin.
 
-`SamplingParams` and `TokenEvent` mirror `mora_runtime.engine`'s field for field (a test in
+`SamplingParams` and `TokenEvent` mirror `mora_runtime.engine.core`'s field for field (a test in
 test_protocol.py checks that against the real ones when the engine imports).
 
 The fake tokenizer is byte level: a token is one UTF-8 byte, so a multi-byte character spans
@@ -21,9 +21,9 @@ from typing import Any
 import uvicorn
 from PIL import Image
 
-from mora_runtime.stats import SequenceRouting
-from serving.backend import ClassifyResult, MoraOverrides
-from serving.errors import ExpertConflict, ExpertLoadFailed, NotFound, Overloaded
+from mora_runtime.experts.stats import SequenceRouting
+from serving.http.backend import ClassifyResult, MoraOverrides
+from serving.http.errors import ExpertConflict, ExpertLoadFailed, NotFound, Overloaded
 
 EOS = 256
 VOCAB = 257

@@ -14,15 +14,11 @@ import time
 import pytest
 import torch
 
-from mora_runtime.clip import ClipClassifier
-from mora_runtime.clip_default import (
-    LABELS_FILENAME,
-    RECIPE_VERSION,
-    load_clip,
-    prepare_default_clip,
-)
 from mora_runtime.learn.domains import BASE_DOMAIN, CONTINUAL_DOMAINS, get_domain, load_domain
-from mora_runtime.materialize import MARKER_FILENAME
+from mora_runtime.learn.pretrain_clip import RECIPE_VERSION, prepare_default_clip
+from mora_runtime.models.clip import ClipClassifier
+from mora_runtime.models.clip_loading import LABELS_FILENAME, load_clip
+from mora_runtime.models.materialize import MARKER_FILENAME
 from mora_runtime.paths import default_clip_dir
 
 pytestmark = pytest.mark.slow

@@ -14,13 +14,13 @@ import time
 import pytest
 import torch
 
-from mora_runtime.lm import (
+from mora_runtime.models.lm import (
     default_gguf_path,
     greedy_generate,
     load_causal_lm,
     prepare_default_lm,
 )
-from mora_runtime.materialize import MARKER_FILENAME
+from mora_runtime.models.materialize import MARKER_FILENAME
 from mora_runtime.paths import default_lm_dir
 
 pytestmark = pytest.mark.slow

@@ -9,11 +9,12 @@ import json
 import pytest
 import torch
 
+from mora_runtime.expert_sets.format import base_fingerprint
+from mora_runtime.expert_sets.store import load_expert_set
+from mora_runtime.experts.patching import find_target_modules
 from mora_runtime.learn.evaluate import METHODS, SUITE_DEFAULTS, EvalOptions, run_suite
 from mora_runtime.learn.export import export_task
 from mora_runtime.learn.metrics import continual_metrics
-from mora_runtime.patching import find_target_modules
-from mora_runtime.store import base_fingerprint, load_expert_set
 
 pytestmark = pytest.mark.slow
 
@@ -78,7 +79,7 @@ def test_lm_suite_end_to_end(tmp_path) -> None:
 
 
 def test_mora_learn_cli_on_the_default_lm(tmp_path, capsys) -> None:
-    from mora_runtime.lm import load_causal_lm
+    from mora_runtime.models.lm import load_causal_lm
     from serving.cli import main
 
     data = export_task("units", tmp_path / "units", train_size=6, test_size=2)

@@ -30,7 +30,7 @@ def default_server():
 def chat_prompt() -> str:
     from transformers import AutoTokenizer
 
-    from mora_runtime.lm import prepare_default_lm
+    from mora_runtime.models.lm import prepare_default_lm
 
     tokenizer = AutoTokenizer.from_pretrained(prepare_default_lm(), local_files_only=True)
     messages = [{"role": "user", "content": QUESTION}]

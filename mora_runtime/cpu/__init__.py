@@ -1,0 +1,1 @@
+"""The CPU extension (build, sources in csrc/) and OpenMP thread handling."""

@@ -1,0 +1,1 @@
+"""The continuous-batching decode engine: scheduling, sampling, KV cache, prefix cache."""

@@ -1,0 +1,1 @@
+"""The Ray side: deployments, ingress, registry, hot-load coordinator, replica pool, metrics."""

@@ -1,0 +1,231 @@
+"""The HTTP ingress deployment and the backends it uses to reach the model deployments.
+
+The FastAPI app itself (`serving.http.api.create_app`) knows nothing of Ray: here its backend
+Protocols are implemented over deployment handles. Tokenising happens in the ingress (the
+app detokenises about twice per streamed token), so only token ids cross to the LM replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray import serve
+from ray.exceptions import (
+    GetTimeoutError,
+    RayError,
+    RayTaskError,
+    TaskCancelledError,
+)
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+)
+
+from mora_runtime.engine.params import SamplingParams
+from mora_runtime.engine.types import TokenEvent
+from serving.cluster.hotload import HotLoadCoordinator
+from serving.cluster.metrics import RayMetricsHook
+from serving.cluster.registry import registry_actor
+from serving.config import ServerConfig
+from serving.http.api import ApiSettings, create_app
+from serving.http.backend import ClassifyResult, MoraOverrides
+from serving.http.errors import BadRequest, Overloaded, ServiceUnavailable
+
+logger = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 1
+# A call whose replica died before answering anything is sent again (Serve routes it to a
+# live replica); a short, growing pause lets Serve learn of the death first.
+REPLICA_RETRIES = 2
+REPLICA_RETRY_WAIT_S = 0.2
+_SERVE_LOST = (ReplicaUnavailableError, DeploymentUnavailableError)
+# Ray errors that are about the request itself, not about where it ran.
+_NOT_LOST = (TaskCancelledError, GetTimeoutError)
+
+
+def replica_lost(exc: BaseException) -> bool:
+    """Whether `exc` says the replica, its worker, node or objects (not the request's own
+    code) failed: a call that answered nothing yet is safe to send elsewhere.
+
+    Every Ray system error counts (a lost node shows up as several kinds: actor died, worker
+    crashed, node died, object or owner lost...); an application error raised in the
+    replica arrives as a RayTaskError wrapping it and does not.
+    """
+    if isinstance(exc, RayTaskError):
+        cause = getattr(exc, "cause", None)
+        return cause is not None and cause is not exc and replica_lost(cause)
+    if isinstance(exc, _NOT_LOST):
+        return False
+    return isinstance(exc, (RayError, *_SERVE_LOST))
+
+
+def lost_error(what: str) -> ServiceUnavailable:
+    return ServiceUnavailable(
+        f"The {what} replica serving this request went away; retry shortly.",
+        retry_after=RETRY_AFTER_S,
+    )
+
+
+class RayLMBackend:
+    """`LMBackend` over the LM deployment's handle."""
+
+    def __init__(
+        self, handle: Any, tokenizer: Any, model_name: str, max_context: int, vocab_size: int
+    ) -> None:
+        self.handle = handle.options(stream=True)
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_context = max_context
+        self.vocab_size = vocab_size
+
+    async def tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer(text)["input_ids"])
+
+    async def detokenize(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    async def generate(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, *, stream: bool
+    ) -> AsyncIterator[TokenEvent]:
+        """Retries on another replica while the call has answered nothing; once an item came
+        back a lost replica ends the request with a retryable 503 (an SSE error event when
+        streaming), since the client may already hold part of the output."""
+        for attempt in range(REPLICA_RETRIES + 1):
+            started = False
+            try:
+                async for event in self._generate_once(request_id, prompt_ids, params, stream):
+                    started = True
+                    yield event
+                return
+            except TaskCancelledError:
+                # Ray cancelled the call (the client went away and we cancelled it, or the
+                # replica is shutting down): a retryable answer, if anyone still listens.
+                raise lost_error("model") from None
+            except Exception as exc:
+                if not replica_lost(exc):
+                    raise
+                if started or attempt == REPLICA_RETRIES:
+                    logger.warning("%s: LM replica lost (%s)", request_id, type(exc).__name__)
+                    raise lost_error("model") from None
+                logger.info("%s: LM replica lost before answering, retrying", request_id)
+                await asyncio.sleep(REPLICA_RETRY_WAIT_S * (attempt + 1))
+
+    async def _generate_once(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, stream: bool
+    ) -> AsyncIterator[TokenEvent]:
+        # Items are lists of events (LMServer.generate batches them) or one error dict.
+        items = self.handle.generate.remote(request_id, prompt_ids, params, stream)
+        finished = False
+        try:
+            async for item in items:
+                if isinstance(item, dict):
+                    if item.get("error") == "overloaded":
+                        raise Overloaded(item["message"], retry_after=RETRY_AFTER_S)
+                    raise BadRequest(item.get("message", "bad request"))
+                for event in item:
+                    finished = event.finish_reason is not None
+                    yield event
+        except BackPressureError as exc:
+            raise Overloaded(
+                f"the model is at capacity, retry shortly ({exc})", retry_after=RETRY_AFTER_S
+            ) from None
+        finally:
+            if not finished:
+                # The replica's generator sees CancelledError and frees the slot. A request
+                # that was never assigned (backpressure) makes cancel() re-raise that error,
+                # which would replace the Overloaded above with Ray's plain-text 503.
+                with contextlib.suppress(Exception):
+                    items.cancel()
+
+
+class RayClipBackend:
+    """`ClipBackend` over the CLIP deployment's handle."""
+
+    def __init__(self, handle: Any, model_name: str) -> None:
+        self.handle = handle
+        self.model_name = model_name
+
+    async def classify(
+        self, images: list, labels: list[str] | None, mora: MoraOverrides | None
+    ) -> ClassifyResult:
+        # Classification has no partial output: every attempt may be retried.
+        for attempt in range(REPLICA_RETRIES + 1):
+            try:
+                return await self.handle.classify.remote(images, labels, mora)
+            except BackPressureError as exc:
+                raise Overloaded(f"the CLIP model is at capacity ({exc})", retry_after=1) from None
+            except Exception as exc:
+                if not replica_lost(exc):
+                    raise
+                logger.info("CLIP replica lost (%s), attempt %d", type(exc).__name__, attempt)
+            if attempt < REPLICA_RETRIES:
+                await asyncio.sleep(REPLICA_RETRY_WAIT_S * (attempt + 1))
+        raise lost_error("CLIP")
+
+
+def inflight_bound(cfg: ServerConfig) -> int | None:
+    """Completions the ingress lets in at once: what the LM replicas can run or queue, the
+    smaller of Ray's bound (ongoing + queued calls) and the engine's (running + waiting)."""
+    if cfg.limits.max_inflight_completions is not None:
+        return cfg.limits.max_inflight_completions
+    lm = cfg.lm
+    per_replica = lm.max_running + lm.max_waiting
+    if lm.max_queued_requests >= 0:  # -1: Ray's queue is unbounded
+        per_replica = min(per_replica, lm.max_ongoing_requests + lm.max_queued_requests)
+    return lm.replicas * per_replica
+
+
+def api_settings(cfg: ServerConfig) -> ApiSettings:
+    limits = cfg.limits
+    return ApiSettings(
+        admin_token=cfg.admin_token,
+        api_token=cfg.api_token,
+        max_n=limits.max_n,
+        max_top_k=cfg.lm.routing.max_top_k,
+        max_images=limits.max_images,
+        max_labels=limits.max_labels,
+        max_image_pixels=limits.max_image_pixels,
+        max_body_bytes=limits.max_body_bytes,
+        max_completion_body_bytes=limits.max_completion_body_bytes,
+        max_prompt_chars_per_token=limits.max_prompt_chars_per_token,
+        max_inflight_completions=inflight_bound(cfg),
+        request_timeout_s=limits.request_timeout_s,
+        served_model_names=(cfg.lm.served_name,) if cfg.lm.enabled else (),
+    )
+
+
+@serve.deployment(name="MoraIngress", max_ongoing_requests=2048)
+@serve.ingress()
+class MoraIngress:
+    async def __init__(self, config: dict[str, Any], lm_handle: Any, clip_handle: Any) -> None:
+        cfg = ServerConfig.model_validate(config)
+        self.cfg = cfg
+        self.lm = self.clip = None
+        handles: dict[str, Any] = {}
+        if lm_handle is not None:
+            from transformers import AutoTokenizer
+
+            # The replica resolved the model (default or configured): ask it, don't guess.
+            info = await lm_handle.model_info.remote()
+            tokenizer = AutoTokenizer.from_pretrained(info["model_dir"], local_files_only=True)
+            self.lm = RayLMBackend(
+                lm_handle, tokenizer, cfg.lm.served_name, info["max_context"], info["vocab_size"]
+            )
+            handles["causal_lm"] = lm_handle
+        if clip_handle is not None:
+            self.clip = RayClipBackend(clip_handle, cfg.clip.served_name)
+            handles["clip"] = clip_handle
+        self.metrics = RayMetricsHook()
+        self.admin = HotLoadCoordinator(
+            cfg.expert_store, registry_actor(cfg.expert_store), handles, self.metrics
+        )
+
+    def __serve_build_asgi_app__(self):
+        return create_app(
+            self.lm, self.clip, self.admin, api_settings(self.cfg), metrics=self.metrics
+        )

@@ -1,0 +1,1 @@
+"""The HTTP surface (FastAPI app, request and answer models, errors, OpenAPI); imports no Ray."""
