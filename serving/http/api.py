@@ -86,7 +86,7 @@ class AppState:
     admin: ExpertAdmin | None
     settings: ApiSettings
     metrics: MetricsHook = field(default_factory=NullMetrics)
-    params_cls: Any = None  # mora_runtime.engine.core.SamplingParams (or a test double)
+    params_cls: Any = None  # mora_runtime.engine.params.SamplingParams (or a test double)
     _inflight: int = field(default=0, init=False)  # completions admitted, not yet closed
 
     @property

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from mora_runtime.expert_sets import format as set_format
 from mora_runtime.expert_sets import store
 from mora_runtime.expert_sets.format import (
     DtypeError,
@@ -68,7 +69,7 @@ def make_set(
     meta = ExpertSetMeta(
         name=name,
         model_kind="causal_lm",
-        base_model=store.base_fingerprint(model, shapes),
+        base_model=set_format.base_fingerprint(model, shapes),
         target_modules=tuple(shapes),
         rank=RANK,
         top_k=8,
@@ -112,13 +113,18 @@ def assert_same_set(a: ExpertSet, b: ExpertSet) -> None:
 def test_save_load_round_trips_bit_for_bit(model: torch.nn.Module, tmp_path: Path, dtype) -> None:
     expert_set = make_set(model, dtype)
     directory = store.save_expert_set(expert_set, tmp_path / "task-1")
-    assert sorted(os.listdir(directory)) == sorted([store.METADATA_FILE, store.TENSORS_FILE])
-    fingerprint = store.base_fingerprint(model, linear_shapes(model))
+    assert sorted(os.listdir(directory)) == sorted(
+        [set_format.METADATA_FILE, set_format.TENSORS_FILE]
+    )
+    fingerprint = set_format.base_fingerprint(model, linear_shapes(model))
     loaded = store.load_expert_set(
         directory, expected_fingerprint=fingerprint, expected_kind="causal_lm", store_root=tmp_path
     )
     assert_same_set(expert_set, loaded)
-    assert json.loads((directory / store.METADATA_FILE).read_text())["format"] == store.FORMAT
+    assert (
+        json.loads((directory / set_format.METADATA_FILE).read_text())["format"]
+        == set_format.FORMAT
+    )
 
 
 def test_save_accepts_views_of_one_buffer(model: torch.nn.Module, tmp_path: Path) -> None:
@@ -207,29 +213,29 @@ def test_save_validates_before_writing(model: torch.nn.Module, tmp_path: Path) -
 
 def test_fingerprint_identifies_the_checkpoint(model: torch.nn.Module) -> None:
     shapes = linear_shapes(model)
-    fp = store.base_fingerprint(model, shapes)
+    fp = set_format.base_fingerprint(model, shapes)
     assert fp["architecture"] == "LlamaForCausalLM" and fp["model_type"] == "llama"
     assert fp["modules"] == {p: list(s) for p, s in sorted(shapes.items())}
-    assert store.base_fingerprint(tiny_llama(seed=0), shapes) == fp  # same weights, same hash
-    assert store.base_fingerprint(tiny_llama(seed=1), shapes)["hash"] != fp["hash"]
+    assert set_format.base_fingerprint(tiny_llama(seed=0), shapes) == fp  # same weights, same hash
+    assert set_format.base_fingerprint(tiny_llama(seed=1), shapes)["hash"] != fp["hash"]
     subset = dict(list(shapes.items())[:1])
-    assert store.base_fingerprint(model, subset)["hash"] != fp["hash"]
+    assert set_format.base_fingerprint(model, subset)["hash"] != fp["hash"]
     # A bf16 copy of the same checkpoint matches: serving in bf16 must accept fp32-made sets.
-    assert store.base_fingerprint(tiny_llama(seed=0).bfloat16(), shapes)["hash"] == fp["hash"]
+    assert set_format.base_fingerprint(tiny_llama(seed=0).bfloat16(), shapes)["hash"] == fp["hash"]
 
 
 # --- one rejection per kind of bad set ----------------------------------------------------
 
 
 def edit_json(directory: Path, change: Callable[[dict[str, Any]], None]) -> None:
-    path = directory / store.METADATA_FILE
+    path = directory / set_format.METADATA_FILE
     data = json.loads(path.read_text())
     change(data)
     path.write_text(json.dumps(data))
 
 
 def edit_tensors(directory: Path, change: Callable[[dict[str, torch.Tensor]], None]) -> None:
-    path = directory / store.TENSORS_FILE
+    path = directory / set_format.TENSORS_FILE
     tensors = load_file(path)
     change(tensors)
     save_file(tensors, path)
@@ -264,16 +270,16 @@ def _outside_symlink(directory: Path, tmp: Path) -> Path:
 BAD_SETS: dict[str, tuple[Callable[[Path, Path], Path | None], dict[str, Any], type, str]] = {
     "missing_directory": (lambda d, t: t / "nope", {}, MissingFileError, "nope"),
     "missing_tensor_file": (
-        lambda d, t: (d / store.TENSORS_FILE).unlink(),
+        lambda d, t: (d / set_format.TENSORS_FILE).unlink(),
         {},
         MissingFileError,
-        store.TENSORS_FILE,
+        set_format.TENSORS_FILE,
     ),
     "missing_json": (
-        lambda d, t: (d / store.METADATA_FILE).unlink(),
+        lambda d, t: (d / set_format.METADATA_FILE).unlink(),
         {},
         MissingFileError,
-        store.METADATA_FILE,
+        set_format.METADATA_FILE,
     ),
     "missing_tensor": (
         lambda d, t: edit_tensors(d, lambda ts: ts.pop(f"{Q0}.B")),
@@ -319,23 +325,23 @@ BAD_SETS: dict[str, tuple[Callable[[Path, Path], Path | None], dict[str, Any], t
         Q0,
     ),
     "garbage_tensor_file": (
-        lambda d, t: (d / store.TENSORS_FILE).write_bytes(b"\x10\x00" * 64),
+        lambda d, t: (d / set_format.TENSORS_FILE).write_bytes(b"\x10\x00" * 64),
         {},
         MalformedTensorFileError,
-        store.TENSORS_FILE,
+        set_format.TENSORS_FILE,
     ),
     "wrong_model_kind": (lambda d, t: None, {"expected_kind": "clip"}, ModelKindMismatchError, ""),
     "oversize_file": (
         lambda d, t: None,
         {"limits": StoreLimits(max_file_bytes=1000)},
         LimitError,
-        store.TENSORS_FILE,
+        set_format.TENSORS_FILE,
     ),
     "oversize_metadata": (
         lambda d, t: None,
         {"limits": StoreLimits(max_metadata_bytes=100)},
         LimitError,
-        store.METADATA_FILE,
+        set_format.METADATA_FILE,
     ),
     "too_many_tensors": (lambda d, t: None, {"limits": StoreLimits(max_tensors=7)}, LimitError, ""),
     "too_many_tensors_in_file": (
@@ -346,28 +352,28 @@ BAD_SETS: dict[str, tuple[Callable[[Path, Path], Path | None], dict[str, Any], t
     ),
     "rank_too_large": (lambda d, t: None, {"limits": StoreLimits(max_rank=2)}, LimitError, "rank"),
     "malformed_json": (
-        lambda d, t: (d / store.METADATA_FILE).write_text('{"format": "mora-expert-set",'),
+        lambda d, t: (d / set_format.METADATA_FILE).write_text('{"format": "mora-expert-set",'),
         {},
         MalformedMetadataError,
         "JSON",
     ),
     "json_not_object": (
-        lambda d, t: (d / store.METADATA_FILE).write_text("[1, 2]"),
+        lambda d, t: (d / set_format.METADATA_FILE).write_text("[1, 2]"),
         {},
         MalformedMetadataError,
         "object",
     ),
     "nan_in_json": (
-        lambda d, t: (d / store.METADATA_FILE).write_text(
-            (d / store.METADATA_FILE).read_text().replace('"tau": 0.03', '"tau": NaN')
+        lambda d, t: (d / set_format.METADATA_FILE).write_text(
+            (d / set_format.METADATA_FILE).read_text().replace('"tau": 0.03', '"tau": NaN')
         ),
         {},
         MalformedMetadataError,
         "NaN",
     ),
     "duplicate_json_key": (
-        lambda d, t: (d / store.METADATA_FILE).write_text(
-            (d / store.METADATA_FILE).read_text().replace('"rank": 3', '"rank": 3, "rank": 4')
+        lambda d, t: (d / set_format.METADATA_FILE).write_text(
+            (d / set_format.METADATA_FILE).read_text().replace('"rank": 3', '"rank": 3, "rank": 4')
         ),
         {},
         MalformedMetadataError,
@@ -416,22 +422,25 @@ BAD_SETS: dict[str, tuple[Callable[[Path, Path], Path | None], dict[str, Any], t
         "peft-lora",
     ),
     "tensor_file_is_fifo": (
-        lambda d, t: ((d / store.TENSORS_FILE).unlink(), os.mkfifo(d / store.TENSORS_FILE)),
+        lambda d, t: (
+            (d / set_format.TENSORS_FILE).unlink(),
+            os.mkfifo(d / set_format.TENSORS_FILE),
+        ),
         {},
         UnsafeFileError,
-        store.TENSORS_FILE,
+        set_format.TENSORS_FILE,
     ),
     "symlinked_tensor_file": (
-        lambda d, t: _symlink_file(d, t, store.TENSORS_FILE),
+        lambda d, t: _symlink_file(d, t, set_format.TENSORS_FILE),
         {},
         PathEscapeError,
-        store.TENSORS_FILE,
+        set_format.TENSORS_FILE,
     ),
     "symlinked_json": (
-        lambda d, t: _symlink_file(d, t, store.METADATA_FILE),
+        lambda d, t: _symlink_file(d, t, set_format.METADATA_FILE),
         {},
         PathEscapeError,
-        store.METADATA_FILE,
+        set_format.METADATA_FILE,
     ),
     "dotdot_escape": (
         lambda d, t: d.parent / ".." / "elsewhere" / "task-1",
@@ -477,7 +486,7 @@ def test_the_good_set_itself_loads(good: tuple[ExpertSet, Path]) -> None:
 )
 def test_fingerprint_of_another_model_is_rejected(good: tuple[ExpertSet, Path], other) -> None:
     other_model = other()
-    expected = store.base_fingerprint(other_model, linear_shapes(other_model))
+    expected = set_format.base_fingerprint(other_model, linear_shapes(other_model))
     with pytest.raises(FingerprintMismatchError) as info:
         store.load_expert_set(good[1], expected_fingerprint=expected)
     if expected["modules"] != good[0].meta.base_model["modules"]:
@@ -497,12 +506,14 @@ def test_expected_fingerprint_may_depend_on_the_set(
     }
 
     def expected(meta: ExpertSetMeta) -> dict[str, Any]:
-        return store.base_fingerprint(model, {p: all_shapes[p] for p in meta.base_model["modules"]})
+        return set_format.base_fingerprint(
+            model, {p: all_shapes[p] for p in meta.base_model["modules"]}
+        )
 
     store.load_expert_set(good[1], expected_fingerprint=expected)
     with pytest.raises(FingerprintMismatchError, match="different module sets"):
         store.load_expert_set(
-            good[1], expected_fingerprint=store.base_fingerprint(model, all_shapes)
+            good[1], expected_fingerprint=set_format.base_fingerprint(model, all_shapes)
         )
 
 

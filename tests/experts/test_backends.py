@@ -7,10 +7,10 @@ import itertools
 
 import pytest
 import torch
-from mora_runtime.experts.routing.backends import select as select_module
 
 from mora_runtime.cpu import build as cpu_kernels
 from mora_runtime.cpu.build import kernels
+from mora_runtime.experts.backends import select as select_module
 from mora_runtime.experts.backends.base import BackendUnavailable, ForwardSpec
 from mora_runtime.experts.backends.cpu_fused import CpuFusedBackend
 from mora_runtime.experts.backends.select import select_backend

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mora_runtime.experts.routing.backends import select as select_module
 
 from mora_runtime.cpu.build import kernels, portable_kernels
+from mora_runtime.experts.backends import select as select_module
 from mora_runtime.experts.backends.cpu_fused import KERNEL_MAX_TOKENS, CpuFusedBackend
 from mora_runtime.experts.context import ForwardContext, forward_context
 from mora_runtime.experts.patching import patch_model

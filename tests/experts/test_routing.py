@@ -60,7 +60,9 @@ def test_fast_path_matches_reference(num_experts, num_tokens, dist):
         got = mora_delta(x, A, B, **kwargs)
         want = reference_delta(x, A, B, **kwargs)
         assert got.shape == (num_tokens, O)
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"{kwargs}")
+        # float32 rounding grows with the largest output, not with each element's own size
+        atol = 1e-4 * max(1.0, want.abs().max().item() / 4)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=atol, msg=f"{kwargs}")
 
 
 def test_known_regimes_behave_as_specified():

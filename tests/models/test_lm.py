@@ -260,7 +260,7 @@ def test_models_path_prints_the_cache_dir(
 ) -> None:
     monkeypatch.setenv("MORA_CACHE", str(tmp_path))
     # Only a prepared model's path is printed (an unprepared one: tests/repo/test_cli_runtime.py).
-    import mora_runtime.models.clip_loading as clip_default
+    import mora_runtime.learn.pretrain_clip as clip_default
 
     monkeypatch.setattr(lm_module, "default_lm_is_prepared", lambda: True)
     monkeypatch.setattr(clip_default, "default_clip_is_prepared", lambda: True)

@@ -57,7 +57,7 @@ def deployment_names() -> set[str]:
     """Names the code gives its Serve deployments (what `deployments:` overrides must use)."""
     names = set()
     for module in ("deployments.py", "ingress.py"):
-        source = (REPO / "serving" / module).read_text()
+        source = (REPO / "serving" / "cluster" / module).read_text()
         names |= set(re.findall(r'@serve\.deployment\(name="(\w+)"', source))
     return names
 
@@ -177,7 +177,7 @@ def dashboard_queries() -> list[tuple[str, str]]:
 
 
 def declared_metrics() -> set[str]:
-    source = (REPO / "serving" / "metrics.py").read_text()
+    source = (REPO / "serving" / "cluster" / "metrics.py").read_text()
     return set(re.findall(r'"(mora_[a-z0-9_]+)"', source))
 
 

@@ -107,7 +107,7 @@ def test_link_checker_sees_links_and_anchors() -> None:
     assert slug("Metrics of a continual-learning run") == "metrics-of-a-continual-learning-run"
     assert (
         slug("Engine (`benchmarks/decode.py`, in-process)")
-        == "engine-benchmarksenginepy-in-process"
+        == "engine-benchmarksdecodepy-in-process"
     )
     assert slug("`max_tokens` limits") == "max_tokens-limits"
     assert first_commands("```bash\nmake run   # serve\n# note\nmake test\n```\n") == [

@@ -30,4 +30,4 @@ def test_runtime_never_imports_the_serving_stack(path: Path) -> None:
 
 def test_the_scan_sees_imports() -> None:
     # Guard against a scan that silently finds nothing.
-    assert "torch" in imported_modules(RUNTIME / "experts.py")
+    assert "torch" in imported_modules(RUNTIME / "experts" / "routing.py")
