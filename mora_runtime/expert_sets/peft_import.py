@@ -42,6 +42,7 @@ from mora_runtime.expert_sets.format import (
     TensorSetError,
     UnsafeFileError,
 )
+from mora_runtime.experts.defaults import LM_ROUTING, ROUTING_DEFAULTS
 
 logger = logging.getLogger(__name__)
 
@@ -172,15 +173,16 @@ def peft_to_expert_set(
     model_kind: str = "causal_lm",
     base_fingerprint: Mapping[str, Any] | None = None,
     base_model: torch.nn.Module | None = None,
-    top_k: int = 8,
-    tau: float = 0.03,
-    threshold: float = 0.2,
+    top_k: int | None = None,
+    tau: float | None = None,
+    threshold: float | None = None,
     class_names: tuple[str, ...] = (),
 ) -> ExpertSet:
     """Build (and validate) the expert set of a PEFT LoRA adapter in memory.
 
     Give exactly one of `base_fingerprint` (from `format.base_fingerprint` over the adapter's
-    modules) or `base_model` (the unwrapped HF model the adapter was trained on).
+    modules) or `base_model` (the unwrapped HF model the adapter was trained on). Routing
+    settings left as None take `ROUTING_DEFAULTS[model_kind]` (mora_runtime/experts/defaults.py).
     """
     if (base_fingerprint is None) == (base_model is None):
         raise ValueError("pass exactly one of base_fingerprint or base_model")
@@ -243,15 +245,16 @@ def peft_to_expert_set(
         "alpha_pattern_folded_into_B": len(distinct) > 1,
         "base_model_name_or_path": config.get("base_model_name_or_path"),
     }
+    defaults = ROUTING_DEFAULTS.get(model_kind, LM_ROUTING)  # an unknown kind fails below
     meta = ExpertSetMeta(
         name=name,
         model_kind=model_kind,
         base_model=fingerprint,
         target_modules=tuple(sorted(lora)),
         rank=rank,
-        top_k=top_k,
-        tau=tau,
-        threshold=threshold,
+        top_k=defaults.top_k if top_k is None else top_k,
+        tau=defaults.tau if tau is None else tau,
+        threshold=defaults.threshold if threshold is None else threshold,
         scale=scale,
         class_names=class_names,
         training=training,
@@ -269,9 +272,9 @@ def convert_peft_adapter(
     model_kind: str = "causal_lm",
     base_fingerprint: Mapping[str, Any] | None = None,
     base_model: torch.nn.Module | None = None,
-    top_k: int = 8,
-    tau: float = 0.03,
-    threshold: float = 0.2,
+    top_k: int | None = None,
+    tau: float | None = None,
+    threshold: float | None = None,
     class_names: tuple[str, ...] = (),
     overwrite: bool = False,
 ) -> Path:
