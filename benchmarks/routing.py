@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 from torch.utils import benchmark
 
+from mora_runtime.experts.defaults import LM_ROUTING
 from mora_runtime.experts.routing import mora_delta, route
 
 D = O = 576  # SmolLM2-135M hidden size
-TAU, THRESHOLD = 0.03, 0.2
+TAU, THRESHOLD = LM_ROUTING.tau, LM_ROUTING.threshold
 
 
 def dense_delta(x, A, B, *, top_k, tau, threshold):

@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from mora_runtime.experts.defaults import CLIP_ROUTING, LM_ROUTING
+
 ADMIN_TOKEN_ENV = "MORA_ADMIN_TOKEN"
 API_TOKEN_ENV = "MORA_API_TOKEN"
 STORE_ENV = "MORA_EXPERT_STORE"
@@ -25,9 +27,11 @@ class _Strict(BaseModel):
 
 
 class RoutingSettings(_Strict):
-    top_k: int = Field(8, ge=1)
-    tau: float = Field(0.03, gt=0)
-    threshold: float = 0.2
+    """A model's routing budget; the defaults are a causal LM's (experts/defaults.py)."""
+
+    top_k: int = Field(LM_ROUTING.top_k, ge=1)
+    tau: float = Field(LM_ROUTING.tau, gt=0)
+    threshold: float = LM_ROUTING.threshold
     max_top_k: int = Field(64, ge=1)  # ceiling for per-request overrides
 
 
@@ -67,7 +71,9 @@ class ClipSettings(_Strict):
     num_cpus: float = Field(0.5, ge=0)
     num_gpus: float = Field(0.0, ge=0)
     torch_threads: int | None = Field(None, ge=1)  # None: as Ray sets it (num_cpus)
-    routing: RoutingSettings = RoutingSettings(top_k=16, tau=0.01, threshold=0.2)
+    routing: RoutingSettings = RoutingSettings(
+        top_k=CLIP_ROUTING.top_k, tau=CLIP_ROUTING.tau, threshold=CLIP_ROUTING.threshold
+    )
 
 
 class LimitSettings(_Strict):

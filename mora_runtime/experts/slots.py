@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mora_runtime.experts.defaults import LM_ROUTING
+
 
 class PoolError(ValueError):
     """A pool mutation that cannot be applied (the pool is left unchanged)."""
@@ -17,11 +19,12 @@ class PoolError(ValueError):
 
 @dataclass(frozen=True)
 class RoutingConfig:
-    """Pool-wide routing settings (docs/spec.md: k, tau, delta)."""
+    """Pool-wide routing settings (docs/spec.md: k, tau, delta); defaults: a causal LM's
+    (mora_runtime/experts/defaults.py)."""
 
-    top_k: int = 8
-    tau: float = 0.03
-    threshold: float = 0.2
+    top_k: int = LM_ROUTING.top_k
+    tau: float = LM_ROUTING.tau
+    threshold: float = LM_ROUTING.threshold
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,8 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from mora_runtime.experts.defaults import ROUTING_DEFAULTS
+
 logger = logging.getLogger(__name__)
 
 STORE_ENV = "MORA_EXPERT_STORE"
@@ -105,10 +107,12 @@ def _register_learn(subparsers: Any) -> None:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing set")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    lm, clip = ROUTING_DEFAULTS["causal_lm"], ROUTING_DEFAULTS["clip"]
     _add_hyperparameters(
         parser,
-        defaults_note="LM: r=k=8, tau=0.03; CLIP: r=k=16, tau=0.01, batch 64; "
-        "both: threshold 0.2, scale 1, 200 steps, lr 5e-4, a fresh random seed per run, "
+        defaults_note=f"LM: r=8, k={lm.top_k}, tau={lm.tau}, threshold {lm.threshold}; "
+        f"CLIP: r=16, k={clip.top_k}, tau={clip.tau}, threshold {clip.threshold}, batch 64; "
+        "both: scale 1, 200 steps, lr 5e-4, a fresh random seed per run, "
         "recorded in the set's training summary",
     )
     parser.set_defaults(handler=_cmd_learn)

@@ -34,6 +34,7 @@ from mora_runtime.expert_sets.format import (
 from mora_runtime.expert_sets.store import load_expert_set
 from mora_runtime.experts.backends.trainable import trainable_experts
 from mora_runtime.experts.context import ForwardContext, forward_context
+from mora_runtime.experts.defaults import CLIP_ROUTING, LM_ROUTING
 from mora_runtime.experts.pool import ExpertPool
 from mora_runtime.experts.slots import RoutingConfig
 
@@ -47,12 +48,13 @@ Experts = dict[str, tuple[Tensor, Tensor]]  # module path -> (A [r, D], B [r, O]
 
 @dataclass(frozen=True)
 class LearnConfig:
-    """Hyper-parameters of one task (defaults: docs/spec.md's LLM settings)."""
+    """Hyper-parameters of one task (defaults: docs/spec.md's LLM settings; routing from
+    mora_runtime/experts/defaults.py)."""
 
     rank: int = 8
-    top_k: int = 8
-    tau: float = 0.03
-    threshold: float = 0.2
+    top_k: int = LM_ROUTING.top_k
+    tau: float = LM_ROUTING.tau
+    threshold: float = LM_ROUTING.threshold
     scale: float = 1.0
     steps: int = 200
     lr: float = 5e-4
@@ -80,7 +82,13 @@ class LearnConfig:
 
 LM_DEFAULTS = LearnConfig()
 # CLIP (ViT) settings of docs/spec.md; scale 1 like the default CLIP's serving config.
-CLIP_DEFAULTS = LearnConfig(rank=16, top_k=16, tau=0.01, threshold=0.2, batch_size=64)
+CLIP_DEFAULTS = LearnConfig(
+    rank=16,
+    top_k=CLIP_ROUTING.top_k,
+    tau=CLIP_ROUTING.tau,
+    threshold=CLIP_ROUTING.threshold,
+    batch_size=64,
+)
 
 
 @dataclass(frozen=True)
