@@ -29,6 +29,7 @@ from mora_runtime.cpu.openmp import in_fresh_thread
 from mora_runtime.engine.core import Engine
 from mora_runtime.engine.params import SamplingParams
 from mora_runtime.engine.types import EngineConfig, TokenEvent
+from mora_runtime.expert_sets.synthetic import random_tensors
 from mora_runtime.experts.patching import patch_model, unpatch_model
 from mora_runtime.models.lm import LoadedLM, load_causal_lm
 from mora_runtime.models.quantize import set_prefill_float
@@ -109,15 +110,10 @@ def engine_tps(engine: Engine, prompts: list[list[int]], tokens: int, concurrenc
 
 
 def random_sets(pool, sets: int, rank: int = 16) -> None:
+    shapes = {path: (layer.in_features, layer.out_features) for path, layer in pool.layers.items()}
     g = torch.Generator().manual_seed(0)
     for s in range(sets):
-        tensors = {
-            path: (
-                torch.randn(rank, layer.in_features, generator=g) / layer.in_features**0.5,
-                torch.randn(rank, layer.out_features, generator=g) * 0.01,
-            )
-            for path, layer in pool.layers.items()
-        }
+        tensors = random_tensors(shapes, rank=rank, generator=g, key_scale=1.0, value_scale=0.01)
         pool.add_set(f"set{s}", tensors)
 
 

@@ -47,9 +47,7 @@ import httpx
 import torch
 from bench_common import HERE, load_engine_benchmark, write_report
 
-from mora_runtime.expert_sets.format import ExpertSet, ExpertSetMeta, base_fingerprint
-from mora_runtime.expert_sets.store import save_expert_set
-from mora_runtime.experts.patching import find_target_modules
+from mora_runtime.expert_sets.synthetic import write_random_sets
 from mora_runtime.models.lm import load_causal_lm
 
 RANK = 16
@@ -84,32 +82,9 @@ def median_pair_run(pairs: list[tuple[Run, Run]]) -> Run:
 
 def save_random_sets(lm, store: Path, count: int) -> list[str]:
     """Random sets as `mora learn` would save them, fingerprinted on the unpatched model."""
-    modules = find_target_modules(lm.model)
-    fingerprint = base_fingerprint(lm.model, modules)
-    g = torch.Generator().manual_seed(0)
-    names = []
-    for s in range(count):
-        tensors = {
-            path: (
-                torch.randn(RANK, d, generator=g) / d**0.5 * 3,  # [r, D]
-                torch.randn(RANK, o, generator=g) * 0.05,  # [r, O]
-            )
-            for path, (d, o) in modules.items()
-        }
-        meta = ExpertSetMeta(
-            name=f"bench-{s}",
-            model_kind="causal_lm",
-            base_model=fingerprint,
-            target_modules=sorted(modules),
-            rank=RANK,
-            top_k=8,
-            tau=0.03,
-            threshold=0.2,
-            scale=1.0,
-        )
-        save_expert_set(ExpertSet(meta=meta, tensors=tensors), store / meta.name, overwrite=True)
-        names.append(meta.name)
-    return names
+    return write_random_sets(
+        store, count, model=lm.model, rank=RANK, value_scale=0.05, prefix="bench"
+    )
 
 
 def http_tps(

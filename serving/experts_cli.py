@@ -1,4 +1,5 @@
-"""`mora experts list|load|retire` and `mora learn --load`: the admin routes from the shell.
+"""`mora experts list|load|retire` and `mora learn --load`: the admin routes from the shell;
+`mora experts random`: random expert sets written locally (mora_runtime.expert_sets.synthetic).
 
 A thin httpx client of `GET/POST/DELETE /v1/experts` (serving/http/routes_experts.py). The admin
 token comes from `--token`, else `$MORA_ADMIN_TOKEN` (the variable the server reads too).
@@ -37,9 +38,9 @@ def register(subparsers: Any) -> None:
     """Add `experts list|load|retire` and the `--load` option of `learn`."""
     experts = subparsers.add_parser(
         "experts",
-        help="list, hot-load or retire the expert sets of a running server",
+        help="list, hot-load or retire the expert sets of a running server; write random ones",
         description="Talk to the admin routes (/v1/experts) of a running server. The admin "
-        f"token is --token or ${ADMIN_TOKEN_ENV}.",
+        f"token is --token or ${ADMIN_TOKEN_ENV}. `random` works locally, without a server.",
     )
     actions = experts.add_subparsers(dest="experts_command", required=True, metavar="ACTION")
 
@@ -68,6 +69,8 @@ def register(subparsers: Any) -> None:
     retire.add_argument("name", metavar="NAME", help="name of the loaded expert set")
     _add_server_options(retire)
     retire.set_defaults(handler=_cmd_retire)
+
+    _register_random(actions)
 
     learn = subparsers.choices.get("learn")
     if learn is not None:
@@ -240,6 +243,64 @@ def _summary(verb: str, answer: dict[str, Any]) -> str:
         f"{verb} '{answer['name']}': pool version {answer['version']}, "
         f"{done}/{len(replicas)} replica(s) committed (the rest reconcile on their own)"
     )
+
+
+# --- mora experts random (local, no server) ----------------------------------------------------
+
+
+def _register_random(actions: Any) -> None:
+    random_sets = actions.add_parser(
+        "random",
+        help="write random expert sets for a causal LM into a directory (no server needed)",
+        description="Write COUNT random expert sets for a causal LM into STORE (for load tests "
+        "and benchmarks) and print their names, one per line: each name is also the set's "
+        "path relative to STORE.",
+    )
+    random_sets.add_argument("store", type=Path, metavar="STORE", help="directory to write into")
+    random_sets.add_argument("--count", type=_non_negative_int, required=True, help="how many")
+    random_sets.add_argument("--rank", type=_positive_int, default=8, help="rank of each set")
+    random_sets.add_argument("--seed", type=_non_negative_int, default=0, help="random seed")
+    random_sets.add_argument("--prefix", help="names are PREFIX-0, PREFIX-1, ... (default: dated)")
+    random_sets.add_argument(
+        "--model", type=Path, metavar="DIR", help="local causal LM (default: the default model)"
+    )
+    random_sets.set_defaults(handler=_cmd_random)
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _cmd_random(args: argparse.Namespace) -> int:
+    from mora_runtime.expert_sets.format import NAME_PATTERN
+
+    if args.prefix is not None and not NAME_PATTERN.fullmatch(f"{args.prefix}-0"):
+        raise CLIError(f"--prefix {args.prefix!r}: names must match {NAME_PATTERN.pattern}")
+    if args.model is not None and not args.model.is_dir():
+        raise CLIError(f"model directory {args.model} does not exist")
+    from mora_runtime.expert_sets.synthetic import write_random_sets
+
+    names = write_random_sets(
+        args.store,
+        args.count,
+        model_dir=args.model,
+        rank=args.rank,
+        seed=args.seed,
+        prefix=args.prefix,
+    )
+    for name in names:
+        print(name, flush=True)
+    return 0
 
 
 # --- mora learn --load -----------------------------------------------------------------------

@@ -19,6 +19,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from mora_runtime.expert_sets.synthetic import random_tensors
 from mora_runtime.experts.backends.trainable import trainable_experts
 from mora_runtime.experts.context import ForwardContext, forward_context, use_snapshots
 from mora_runtime.experts.patching import (
@@ -66,14 +67,13 @@ def build(factory):
 
 
 def random_set(pool: ExpertPool, rank: int, seed: int, gain: float = 1.0):
-    g = torch.Generator().manual_seed(seed)
-    return {
-        path: (
-            torch.randn(rank, layer.in_features, generator=g) / layer.in_features**0.5,
-            gain * torch.randn(rank, layer.out_features, generator=g) * 0.2,
-        )
-        for path, layer in pool.layers.items()
-    }
+    return random_tensors(
+        {path: (layer.in_features, layer.out_features) for path, layer in pool.layers.items()},
+        rank=rank,
+        generator=torch.Generator().manual_seed(seed),
+        key_scale=1.0,
+        value_scale=gain * 0.2,
+    )
 
 
 def ids(batch=2, length=9, seed=0):

@@ -69,32 +69,20 @@ def save_random_set(
     Keys are spread (x3 over unit scale) so a fair share of tokens pass the routing
     threshold; `gain` sets how hard an active expert pushes the output.
     """
-    from mora_runtime.expert_sets.format import ExpertSet, ExpertSetMeta, base_fingerprint
     from mora_runtime.expert_sets.store import save_expert_set
-    from mora_runtime.experts.patching import find_target_modules
+    from mora_runtime.expert_sets.synthetic import random_expert_set
 
-    modules = find_target_modules(model)
-    g = torch.Generator().manual_seed(seed)
-    tensors = {
-        path: (
-            torch.randn(rank, d, generator=g) / d**0.5 * 3,  # [r, D]
-            torch.randn(rank, o, generator=g) * gain,  # [r, O]
-        )
-        for path, (d, o) in modules.items()
-    }
-    meta = ExpertSetMeta(
-        name=name,
-        model_kind=model_kind,
-        base_model=base_fingerprint(model, modules),
-        target_modules=sorted(modules),
+    expert_set = random_expert_set(
+        model,
+        name,
         rank=rank,
-        top_k=8,
-        tau=0.03,
-        threshold=0.2,
-        scale=1.0,
+        seed=seed,
+        key_scale=3.0,
+        value_scale=gain,
+        model_kind=model_kind,
         class_names=class_names,
     )
-    return save_expert_set(ExpertSet(meta=meta, tensors=tensors), directory, overwrite=True)
+    return save_expert_set(expert_set, directory, overwrite=True)
 
 
 def png_base64(image) -> str:

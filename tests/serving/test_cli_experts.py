@@ -75,3 +75,62 @@ def test_connection_refused(capsys) -> None:
     assert experts(f"http://127.0.0.1:{port}", "list") == 1
     err = capsys.readouterr().err
     assert "cannot reach a server" in err and "Traceback" not in err
+
+
+# --- mora experts random (local) -------------------------------------------------------------
+
+
+def random_sets(store: Path, model_dir: Path, *argv: str) -> int:
+    return main(["experts", "random", str(store), "--model", str(model_dir), *argv])
+
+
+def test_random_writes_sets_the_model_accepts(tiny_llama_dir: Path, tmp_path: Path, capsys) -> None:
+    import torch
+
+    from mora_runtime.expert_sets.format import base_fingerprint
+    from mora_runtime.expert_sets.store import load_expert_set
+    from mora_runtime.experts.patching import find_target_modules
+    from mora_runtime.models.lm import load_causal_lm
+
+    store = tmp_path / "store"
+    argv = ("--count", "2", "--rank", "3", "--seed", "5", "--prefix", "rnd")
+    assert random_sets(store, tiny_llama_dir, *argv) == 0
+    assert capsys.readouterr().out.splitlines() == ["rnd-0", "rnd-1"]
+    model = load_causal_lm(tiny_llama_dir).model
+    modules = find_target_modules(model)
+    fingerprint = base_fingerprint(model, modules)
+    sets = [
+        load_expert_set(store / name, expected_fingerprint=fingerprint)
+        for name in ("rnd-0", "rnd-1")
+    ]
+    for name, expert_set in zip(("rnd-0", "rnd-1"), sets, strict=True):
+        assert expert_set.meta.name == name and expert_set.meta.rank == 3
+        assert expert_set.meta.model_kind == "causal_lm"
+        assert sorted(expert_set.tensors) == sorted(modules)
+        assert all(A.shape[0] == B.shape[0] == 3 for A, B in expert_set.tensors.values())
+    path = sorted(modules)[0]
+    assert not torch.equal(sets[0].tensors[path][0], sets[1].tensors[path][0])
+
+    # The same seed gives the same sets; another seed, other ones.
+    assert random_sets(tmp_path / "again", tiny_llama_dir, *argv) == 0
+    assert random_sets(tmp_path / "other", tiny_llama_dir, *argv[:5], "6", *argv[6:]) == 0
+    again = load_expert_set(tmp_path / "again" / "rnd-0").tensors[path][0]
+    other = load_expert_set(tmp_path / "other" / "rnd-0").tensors[path][0]
+    assert torch.equal(again, sets[0].tensors[path][0])
+    assert not torch.equal(other, again)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (("--count", "1", "--prefix", "bad name"), "--prefix"),
+        (("--count", "1", "--model", "/nonexistent/model"), "does not exist"),
+    ],
+)
+def test_random_refuses_bad_arguments_in_one_line(
+    argv: tuple[str, ...], message: str, tmp_path: Path, capsys
+) -> None:
+    assert main(["experts", "random", str(tmp_path / "store"), *argv]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "store").exists()
