@@ -27,17 +27,13 @@ from mora_runtime.expert_sets.format import (
     base_fingerprint,
 )
 from mora_runtime.expert_sets.store import save_expert_set
+from mora_runtime.experts.defaults import ROUTING_DEFAULTS
 from mora_runtime.experts.patching import find_target_modules
 
 logger = logging.getLogger(__name__)
 
 KEY_SCALE = 3.0
 VALUE_SCALE = 0.02
-# Routing defaults written into a random set's metadata (serving reads its own config; only
-# learning beside a set reads these back).
-DEFAULT_TOP_K = 8
-DEFAULT_TAU = 0.03
-DEFAULT_THRESHOLD = 0.2
 # write_random_sets seeds set i with seed * SEED_STRIDE + i: distinct sets per seed.
 SEED_STRIDE = 1000
 
@@ -70,13 +66,21 @@ def random_expert_set(
     key_scale: float = KEY_SCALE,
     value_scale: float = VALUE_SCALE,
     model_kind: str = "causal_lm",
-    top_k: int = DEFAULT_TOP_K,
-    tau: float = DEFAULT_TAU,
-    threshold: float = DEFAULT_THRESHOLD,
+    top_k: int | None = None,
+    tau: float | None = None,
+    threshold: float | None = None,
     modules: ModuleShapes | None = None,
     class_names: Sequence[str] = (),
 ) -> ExpertSet:
-    """A random set for `model` (unpatched) over `modules` (default: its target modules)."""
+    """A random set for `model` (unpatched) over `modules` (default: its target modules).
+
+    Routing fields left None are the model kind's defaults, as `mora learn` would write them.
+    """
+    defaults = ROUTING_DEFAULTS.get(model_kind)
+    if defaults is None:
+        raise ValueError(
+            f"model_kind must be one of {sorted(ROUTING_DEFAULTS)}, got {model_kind!r}"
+        )
     modules = dict(find_target_modules(model) if modules is None else modules)
     tensors = random_tensors(
         modules,
@@ -91,9 +95,9 @@ def random_expert_set(
         base_model=base_fingerprint(model, modules),
         target_modules=sorted(modules),
         rank=rank,
-        top_k=top_k,
-        tau=tau,
-        threshold=threshold,
+        top_k=defaults.top_k if top_k is None else top_k,
+        tau=defaults.tau if tau is None else tau,
+        threshold=defaults.threshold if threshold is None else threshold,
         scale=1.0,
         class_names=tuple(class_names),
     )
