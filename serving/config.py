@@ -77,12 +77,19 @@ class ClipSettings(_Strict):
 
 
 class LimitSettings(_Strict):
+    """Every request limit of the HTTP surface, and the only place their defaults are written:
+    serving/http/api.py's ApiSettings takes its defaults from here (`ApiSettings.from_config`
+    fills it from a loaded config), and deploy/serve.yaml sets each one."""
+
     max_n: int = Field(8, ge=1)
+    max_prompts: int = Field(16, ge=1)  # prompts in one completions request
     max_images: int = Field(16, ge=1)
     max_labels: int = Field(512, ge=1)
-    max_image_pixels: int = Field(4096 * 4096, ge=1)
+    max_label_chars: int = Field(200, ge=1)
+    max_image_pixels: int = Field(4096 * 4096, ge=1)  # decompression-bomb guard, per image
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
-    # /v1/completions only (text and token ids; images and uploads use max_body_bytes)
+    # /v1/completions only (text and token ids; images and uploads use max_body_bytes): 16
+    # prompts of a full 8k context fit with room to spare.
     max_completion_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     # A text prompt longer than the context times this is refused before it is tokenised:
     # no tokenizer packs that many characters into one token on real text, and tokenising
@@ -92,6 +99,7 @@ class LimitSettings(_Strict):
     # None: what the LM replicas admit, replicas x the smaller of (max_ongoing + max_queued
     # requests) and the engine's (max_running + max_waiting); set it when autoscaling.
     max_inflight_completions: int | None = Field(None, ge=1)
+    # Past it: 504 (or an SSE error event once streaming).
     request_timeout_s: float = Field(300.0, gt=0)
 
 
@@ -108,6 +116,18 @@ class ServerConfig(_Strict):
     lm: LMSettings = LMSettings()
     clip: ClipSettings = ClipSettings()
     limits: LimitSettings = LimitSettings()
+
+    def inflight_bound(self) -> int | None:
+        """Completions the ingress lets in at once: `limits.max_inflight_completions`, else
+        what the LM replicas can run or queue, the smaller of Ray's bound (ongoing + queued
+        calls) and the engine's (running + waiting)."""
+        if self.limits.max_inflight_completions is not None:
+            return self.limits.max_inflight_completions
+        lm = self.lm
+        per_replica = lm.max_running + lm.max_waiting
+        if lm.max_queued_requests >= 0:  # -1: Ray's queue is unbounded
+            per_replica = min(per_replica, lm.max_ongoing_requests + lm.max_queued_requests)
+        return lm.replicas * per_replica
 
     def resolved(self) -> ServerConfig:
         """Fill secrets and the store from the environment; make the store path absolute."""

@@ -168,37 +168,6 @@ class RayClipBackend:
         raise lost_error("CLIP")
 
 
-def inflight_bound(cfg: ServerConfig) -> int | None:
-    """Completions the ingress lets in at once: what the LM replicas can run or queue, the
-    smaller of Ray's bound (ongoing + queued calls) and the engine's (running + waiting)."""
-    if cfg.limits.max_inflight_completions is not None:
-        return cfg.limits.max_inflight_completions
-    lm = cfg.lm
-    per_replica = lm.max_running + lm.max_waiting
-    if lm.max_queued_requests >= 0:  # -1: Ray's queue is unbounded
-        per_replica = min(per_replica, lm.max_ongoing_requests + lm.max_queued_requests)
-    return lm.replicas * per_replica
-
-
-def api_settings(cfg: ServerConfig) -> ApiSettings:
-    limits = cfg.limits
-    return ApiSettings(
-        admin_token=cfg.admin_token,
-        api_token=cfg.api_token,
-        max_n=limits.max_n,
-        max_top_k=cfg.lm.routing.max_top_k,
-        max_images=limits.max_images,
-        max_labels=limits.max_labels,
-        max_image_pixels=limits.max_image_pixels,
-        max_body_bytes=limits.max_body_bytes,
-        max_completion_body_bytes=limits.max_completion_body_bytes,
-        max_prompt_chars_per_token=limits.max_prompt_chars_per_token,
-        max_inflight_completions=inflight_bound(cfg),
-        request_timeout_s=limits.request_timeout_s,
-        served_model_names=(cfg.lm.served_name,) if cfg.lm.enabled else (),
-    )
-
-
 @serve.deployment(name="MoraIngress", max_ongoing_requests=2048)
 @serve.ingress()
 class MoraIngress:
@@ -227,5 +196,5 @@ class MoraIngress:
 
     def __serve_build_asgi_app__(self):
         return create_app(
-            self.lm, self.clip, self.admin, api_settings(self.cfg), metrics=self.metrics
+            self.lm, self.clip, self.admin, ApiSettings.from_config(self.cfg), metrics=self.metrics
         )

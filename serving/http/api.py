@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serving.config import LimitSettings, RoutingSettings, ServerConfig
 from serving.http import routes_classify, routes_completions, routes_experts
 from serving.http.backend import ClipBackend, ExpertAdmin, LMBackend, MetricsHook, NullMetrics
 from serving.http.errors import (
@@ -50,28 +51,56 @@ logger = logging.getLogger(__name__)
 ENDPOINTS = ("/v1/completions", "/v1/models", "/classify", "/v1/experts", "/health")
 
 
+_LIMITS = LimitSettings()  # the defaults below are the server config's, never restated
+
+
 @dataclass(frozen=True)
 class ApiSettings:
+    """What the HTTP surface enforces. The limits mean what serving/config.py's LimitSettings
+    says and default to its defaults; a served app gets them from its config
+    (`ApiSettings.from_config`)."""
+
     admin_token: str | None = None  # None: every admin request is refused (401)
     api_token: str | None = None  # None: inference routes are open
-    max_n: int = 8
-    max_top_k: int = 64  # largest per-request `mora.top_k`
-    max_prompts: int = 16  # prompts in one completions request
-    max_images: int = 16
-    max_labels: int = 1000
-    max_label_chars: int = 200
-    max_image_pixels: int = 4096 * 4096  # decompression-bomb guard, per image
-    max_body_bytes: int = 32 * 1024 * 1024
-    # /v1/completions carries text and token ids only: 16 prompts of a full 8k context fit
-    # with room to spare, and a huge body is refused before it is read or parsed.
-    max_completion_body_bytes: int = 8 * 1024 * 1024
-    max_prompt_chars_per_token: int = 32  # text prompts: max_context x this, before tokenising
-    request_timeout_s: float = 300.0  # past it: 504 (or an SSE error event once streaming)
+    max_n: int = _LIMITS.max_n
+    max_top_k: int = RoutingSettings().max_top_k  # largest per-request `mora.top_k`
+    max_prompts: int = _LIMITS.max_prompts
+    max_images: int = _LIMITS.max_images
+    max_labels: int = _LIMITS.max_labels
+    max_label_chars: int = _LIMITS.max_label_chars
+    max_image_pixels: int = _LIMITS.max_image_pixels
+    max_body_bytes: int = _LIMITS.max_body_bytes
+    # /v1/completions only: a huge body is refused before it is read or parsed.
+    max_completion_body_bytes: int = _LIMITS.max_completion_body_bytes
+    max_prompt_chars_per_token: int = _LIMITS.max_prompt_chars_per_token
+    request_timeout_s: float = _LIMITS.request_timeout_s
     # Completions in flight through this app (None: unbounded). Past it a request is refused
     # with a 503 as it arrives, before its body is read: the model replicas' own queues
     # would refuse it too, but only after parsing, tokenising and a trip through Ray.
-    max_inflight_completions: int | None = None
+    max_inflight_completions: int | None = _LIMITS.max_inflight_completions
     served_model_names: tuple[str, ...] = ()  # public LM names; default (lm.model_name,)
+
+    @classmethod
+    def from_config(cls, cfg: ServerConfig) -> ApiSettings:
+        """The settings a server with this config enforces (secrets as `cfg` holds them)."""
+        limits = cfg.limits
+        return cls(
+            admin_token=cfg.admin_token,
+            api_token=cfg.api_token,
+            max_n=limits.max_n,
+            max_top_k=cfg.lm.routing.max_top_k,
+            max_prompts=limits.max_prompts,
+            max_images=limits.max_images,
+            max_labels=limits.max_labels,
+            max_label_chars=limits.max_label_chars,
+            max_image_pixels=limits.max_image_pixels,
+            max_body_bytes=limits.max_body_bytes,
+            max_completion_body_bytes=limits.max_completion_body_bytes,
+            max_prompt_chars_per_token=limits.max_prompt_chars_per_token,
+            request_timeout_s=limits.request_timeout_s,
+            max_inflight_completions=cfg.inflight_bound(),
+            served_model_names=(cfg.lm.served_name,) if cfg.lm.enabled else (),
+        )
 
     def limits(self) -> Limits:
         return Limits(max_n=self.max_n, max_top_k=self.max_top_k, max_prompts=self.max_prompts)

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic import field_validator as validates
 from pydantic_core import PydanticCustomError
 
+from serving.config import LimitSettings, RoutingSettings
 from serving.http import openapi
 from serving.http.backend import MoraOverrides
 from serving.http.errors import validation_error
@@ -35,11 +36,12 @@ P = TypeVar("P")
 
 @dataclass(frozen=True)
 class Limits:
-    """Server limits that request validation needs (from ApiSettings)."""
+    """Server limits that request validation needs (from ApiSettings; the defaults are
+    serving/config.py's)."""
 
-    max_n: int = 8
-    max_top_k: int = 64
-    max_prompts: int = 16
+    max_n: int = LimitSettings().max_n
+    max_top_k: int = RoutingSettings().max_top_k
+    max_prompts: int = LimitSettings().max_prompts
 
 
 def _invalid(message: str) -> PydanticCustomError:

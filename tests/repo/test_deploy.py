@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from serving.config import APP_NAME, config_from_mapping, load_config
+from serving.config import APP_NAME, LimitSettings, config_from_mapping, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -66,6 +66,16 @@ def test_serve_yaml_loads_as_server_config() -> None:
     cfg = load_config(SERVE_YAML)
     assert (cfg.host, cfg.port, cfg.metrics_port) == ("127.0.0.1", 8000, 8080)
     assert cfg.lm.enabled and cfg.clip.enabled
+
+
+def test_every_request_limit_is_set_in_both_yaml_files() -> None:
+    """Each limit of the server config is written out (at its default in serve.yaml), so
+    that both files show what can be tuned."""
+    defaults = LimitSettings().model_dump()
+    local = app_of(serve_config())["args"]["limits"]
+    assert local == defaults
+    cluster = app_of(cluster_serve_config())["args"]["limits"]
+    assert set(cluster) == set(defaults)
 
 
 def test_no_secrets_in_yaml() -> None:

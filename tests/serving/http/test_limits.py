@@ -150,14 +150,47 @@ def test_refused_and_failed_completions_give_their_slot_back() -> None:
 
 
 def test_the_inflight_bound_is_what_the_lm_replicas_admit() -> None:
-    from serving.cluster.ingress import inflight_bound
     from serving.config import ServerConfig
 
     def bound(lm: dict[str, Any], **limits: Any) -> int | None:
-        return inflight_bound(ServerConfig.model_validate({"lm": lm, "limits": limits}))
+        return ServerConfig.model_validate({"lm": lm, "limits": limits}).inflight_bound()
 
     engine = {"max_running": 8, "max_waiting": 10}
     assert bound(engine | {"max_ongoing_requests": 96, "max_queued_requests": 64}) == 18
     assert bound(engine | {"max_ongoing_requests": 4, "max_queued_requests": 2}) == 6
     assert bound(engine | {"max_queued_requests": -1, "replicas": 3}) == 54
     assert bound(engine, max_inflight_completions=500) == 500
+
+
+def test_api_settings_default_to_the_server_config_and_are_built_from_it() -> None:
+    """The limits have one set of defaults (serving/config.py): ApiSettings restates none,
+    and a served app gets every limit of its config."""
+    from dataclasses import asdict
+
+    from serving.config import LimitSettings, RoutingSettings, ServerConfig
+    from serving.http.api import ApiSettings
+    from serving.http.protocol import Limits
+
+    defaults = LimitSettings().model_dump()
+    settings = asdict(ApiSettings())
+    assert {k: settings[k] for k in defaults} == defaults
+    assert settings["max_top_k"] == RoutingSettings().max_top_k
+    assert Limits() == ApiSettings().limits()
+    assert set(settings) - set(defaults) == {
+        "admin_token",
+        "api_token",
+        "max_top_k",
+        "served_model_names",
+    }
+
+    # Every limit differs from its default here, so one that from_config drops shows.
+    changed = {k: (v or 0) * 2 + 1 for k, v in defaults.items()}
+    cfg = ServerConfig.model_validate(
+        {"limits": changed, "lm": {"routing": {"max_top_k": 9}}, "admin_token": "a"}
+    )
+    built = asdict(ApiSettings.from_config(cfg))
+    assert {k: built[k] for k in changed} == changed
+    assert (built["max_top_k"], built["admin_token"], built["api_token"]) == (9, "a", None)
+    assert built["served_model_names"] == (cfg.lm.served_name,)
+    unbounded = ServerConfig.model_validate({"lm": {"max_running": 2, "max_waiting": 3}})
+    assert ApiSettings.from_config(unbounded).max_inflight_completions == 5

@@ -149,7 +149,7 @@ def test_the_document_carries_this_servers_limits() -> None:
             (labels["maxItems"], labels["items"]["maxLength"]),
         )
 
-    assert limits() == (8, [None, 16, None, 16], 3200, 64, 16, (1000, 200))
+    assert limits() == (8, [None, 16, None, 16], 3200, 64, 16, (512, 200))  # config defaults
     small = {"max_n": 2, "max_prompts": 3, "max_top_k": 4, "max_images": 5, "max_labels": 6}
     assert limits(**small, max_label_chars=7, max_prompt_chars_per_token=2) == (
         2,
