@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--hotload-model-dir", help="LM the sets are generated for (default model)")
     run.add_argument("--hotload-rank", type=int, default=8)
+    run.add_argument(
+        "--mora", help="`mora` command that generates sets (default: beside python, else PATH)"
+    )
     run.add_argument("--keep-sets", action="store_true", help="do not retire the loaded sets")
     soak = run.add_argument_group("soak scenario (--scenario soak)")
     soak.add_argument("--soak-sets", type=int, default=4, help="sets generated for the churn")
@@ -116,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     obs.add_argument("--config", type=Path, help="server config (default deploy/serve.yaml)")
     obs.add_argument("--prometheus-port", type=int, default=9090)
     obs.add_argument("--no-install", action="store_true", help="never apt-get prometheus")
+    obs.add_argument(
+        "--mora", help="`mora` command that runs the server (default: beside python, else PATH)"
+    )
     return parser
 
 
@@ -175,6 +181,7 @@ def _hotload_paths(args: argparse.Namespace, count: int) -> tuple[str, ...]:
                 model_dir=args.hotload_model_dir,
                 rank=args.hotload_rank,
                 seed=args.seed,
+                mora=args.mora,
             )
         )
     raise UsageError(f"--scenario {args.scenario} needs --hotload-sets or --hotload-store")
@@ -318,6 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     from loadtest.compare import CompareError
+    from loadtest.server_process import MoraCommandError
 
     try:
         if args.command == "run":
@@ -326,8 +334,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_compare(args)
         from loadtest.observe import observe
 
-        return observe(args.config, args.prometheus_port, install=not args.no_install)
-    except (UsageError, WorkloadError, CompareError) as exc:
+        return observe(
+            args.config, args.prometheus_port, install=not args.no_install, mora=args.mora
+        )
+    except (UsageError, WorkloadError, CompareError, MoraCommandError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

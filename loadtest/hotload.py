@@ -3,8 +3,8 @@
 Sets come either from `--hotload-sets` (directories already inside the server's expert
 store, given relative to it) or are generated before the run: random rank-r sets for the
 server's causal LM, written into `--hotload-store` (the same directory the server uses as its
-expert store). Generating needs the model locally (mora_runtime, torch); loading needs only
-HTTP.
+expert store) by the `mora experts random` command. Generating needs the `mora` command and
+the model locally; the load generator itself needs only HTTP.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 
 from loadtest.client import LoadClient
 from loadtest.metrics import HotLoadEvent
+from loadtest.server_process import MoraCommandError, find_mora, run_mora
 
 logger = logging.getLogger(__name__)
 
@@ -28,48 +29,24 @@ def generate_sets(
     rank: int = 8,
     seed: int = 0,
     prefix: str | None = None,
+    mora: str | None = None,
 ) -> list[str]:
     """Write `count` random expert sets for the causal LM at `model_dir` (None: the default
-    model) into `store`; returns their paths relative to the store."""
-    import torch
-
-    from mora_runtime.expert_sets.format import ExpertSet, ExpertSetMeta, base_fingerprint
-    from mora_runtime.expert_sets.store import save_expert_set
-    from mora_runtime.experts.patching import find_target_modules
-    from mora_runtime.models.lm import load_causal_lm
-
-    lm = load_causal_lm(model_dir)
-    modules = find_target_modules(lm.model)
-    fingerprint = base_fingerprint(lm.model, modules)
+    model) into `store` with `mora experts random`; returns their paths relative to the store."""
     prefix = prefix or f"loadtest-{time.strftime('%Y%m%d-%H%M%S')}"
-    paths = []
-    for i in range(count):
-        g = torch.Generator().manual_seed(seed * 1000 + i)
-        # Keys scaled so routing scores clear the threshold for a share of tokens; values small
-        # so the output stays readable text.
-        tensors = {
-            path: (
-                torch.randn(rank, d_in, generator=g) * (3.0 / d_in**0.5),  # A [r, D]
-                torch.randn(rank, d_out, generator=g) * 0.02,  # B [r, O]
-            )
-            for path, (d_in, d_out) in modules.items()
-        }
-        name = f"{prefix}-{i}"
-        meta = ExpertSetMeta(
-            name=name,
-            model_kind="causal_lm",
-            base_model=fingerprint,
-            target_modules=sorted(modules),
-            rank=rank,
-            top_k=8,
-            tau=0.03,
-            threshold=0.2,
-            scale=1.0,
+    argv = ["experts", "random", str(store), "--count", str(count), "--rank", str(rank)]
+    argv += ["--seed", str(seed), "--prefix", prefix]
+    if model_dir is not None:
+        argv += ["--model", str(model_dir)]
+    printed = run_mora(find_mora(mora), *argv)
+    expected = [f"{prefix}-{i}" for i in range(count)]
+    # The names are the command's last lines (anything a library printed comes before them).
+    if count and printed[-count:] != expected:
+        raise MoraCommandError(
+            f"`mora experts random` printed {printed[-count:]}, expected {expected}"
         )
-        save_expert_set(ExpertSet(meta=meta, tensors=tensors), store / name, overwrite=True)
-        paths.append(name)
     logger.info("generated %d expert sets in %s", count, store)
-    return paths
+    return expected
 
 
 async def run_hotloads(
