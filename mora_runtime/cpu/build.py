@@ -27,7 +27,8 @@ import torch
 from mora_runtime.paths import native_build_dir
 
 logger = logging.getLogger(__name__)
-# A build's lock file older than this belongs to a builder that died (builds take minutes).
+# A build's lock file older than this belongs to a builder that died: no build runs this long,
+# and torch's loader would otherwise wait on it forever.
 STALE_LOCK_S = 20 * 60
 
 _CSRC = Path(__file__).parent / "csrc"
@@ -105,7 +106,8 @@ def _drop_stale_lock(directory: Path) -> None:
 def kernels() -> Any | None:
     """The compiled module (`q4_1_linear`, `q8_0_linear`, `decode_attention`,
     `expert_scores`, `ExpertLayerPlan`), or None when this machine cannot have it (then:
-    float weights, torch attention). Compiles on first use (about a minute, once)."""
+    float weights, torch attention). Compiles on first use, once per source, machine and torch
+    (set-up does it ahead of serving: docs/performance.md, Set-up cost)."""
     if not _cpu_has_avx2():
         return None
     return _load("cpu", SOURCES, HEADERS, _FLAGS)

@@ -1,4 +1,4 @@
-"""The engine's running batch (engine.py): rows of sequences kept aligned with the rows of
+"""The engine's running batch (core.py): rows of sequences kept aligned with the rows of
 one KV cache and one attention mask. A prefill merges its new rows in after the running
 ones, a decode adds one column to every row, and finished rows leave at once, together
 with the cache columns no remaining row uses. Plain functions over the engine's state,
@@ -41,7 +41,7 @@ def prefill(engine: Engine, seqs: list[_Sequence]) -> dict[str, tuple[float, ...
     )
     want_prompt_logprobs = any(s.params.prompt_logprobs is not None for s in seqs)
     # Everything that may fail comes before the first change to the engine's state, so a
-    # failed prefill can be retried on fewer rows (engine_isolation.py).
+    # failed prefill can be retried on fewer rows (isolation.py).
     logits, routing = forward(
         engine.model,
         engine.pool,

@@ -10,9 +10,9 @@ Prompt blocks already prefilled under the same pool version and routing are reus
 remaining tokens.
 
 A step that raises never takes its whole batch down: only the sequences that fail on their
-own end, with an "error" event (engine_isolation.py). How a step changes the running batch
-is in engine_batch.py, its forward pass (which changes no engine state) in
-engine_forward.py, the value types (`EngineConfig`, `TokenEvent`, ...) in engine_types.py.
+own end, with an "error" event (isolation.py). How a step changes the running batch is in
+batch.py, its forward pass (which changes no engine state) in forward.py, the value types
+(`EngineConfig`, `TokenEvent`, ...) in types.py.
 
 Shape legend: S = running sequences, L = cache columns.
 """

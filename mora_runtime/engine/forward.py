@@ -1,10 +1,10 @@
 """One forward pass of the engine over a batch of sequences, kept apart from the engine's
-own state (engine.py): the model inputs of a prefill (left-padded, with the prompt blocks
+own state (core.py): the model inputs of a prefill (left-padded, with the prompt blocks
 reused from prefix_cache.py in front) or of a decode, the routing context of a patched
 model, prompt logprobs, and sampling that can be undone.
 
 Nothing here changes the engine's running batch: a caller that gets an exception can retry with
-fewer rows (engine_isolation.py).
+fewer rows (isolation.py).
 
 Shape legend: n = sequences in the pass, C = cached prefix columns, P = prompt length
 (without its cached prefix), L = cache columns, V = vocabulary.

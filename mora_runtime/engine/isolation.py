@@ -1,4 +1,4 @@
-"""Failure isolation of the engine's steps (engine.py): one bad request must not end the
+"""Failure isolation of the engine's steps (core.py): one bad request must not end the
 requests batched with it.
 
 A step that raises never takes its whole batch down: the state it touched is rolled back,

@@ -1,5 +1,5 @@
 """The engine's value types: its configuration, the events a request receives, and the state
-the engine keeps for one sequence (engine.py).
+the engine keeps for one sequence (core.py).
 
 Shape legend: V = vocabulary.
 """

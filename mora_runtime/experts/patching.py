@@ -102,7 +102,7 @@ class MoRALinear(nn.Module):
     """y = base_layer(x) + the MoRA delta of this layer's experts (docs/spec.md step 6).
 
     The delta comes from the layer backend chosen once for the whole forward pass
-    (mora_runtime/backends: the fused CPU extension, or the tensor path on other devices,
+    (mora_runtime/experts/backends: the fused CPU extension, or the tensor path on other devices,
     dtypes, with gradients or while training)."""
 
     def __init__(self, base_layer: nn.Module, pool: ExpertPool, path: str) -> None:

@@ -27,8 +27,8 @@ from mora_runtime.experts.slots import RoutingConfig
 NORM_EPS = 1e-12
 MIN_TOP_K = 2
 
-# Below these sizes the dense value product beats gathering rows (measured with
-# benchmarks/routing.py on 2 CPU cores).
+# Below these sizes the dense value product beats gathering rows: the gather's index_select
+# and batched product have a fixed cost that only a large [T, N] x [N, O] product repays.
 _GATHER_MIN_SLOTS = 32
 _GATHER_MIN_MACS = 1 << 20
 
@@ -189,7 +189,7 @@ def mora_delta(
     x [T, D], A [N, D], B [N, O] -> [T, O] in x's dtype. Keys are scored densely (one
     [T, D] x [D, N] product); values touch only the rows kept after pruning. `threshold`
     applies only when `training` is False. N = 0 gives zeros. `backend` picks the layer
-    backend as a served forward does (mora_runtime/backends): "auto" (the fused CPU
+    backend as a served forward does (mora_runtime/experts/backends): "auto" (the fused CPU
     extension for CPU float32 inference, else the tensor path), "torch" (`route` +
     `apply_values`: any device, differentiable) or "cpu_fused".
     """

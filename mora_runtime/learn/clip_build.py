@@ -55,8 +55,9 @@ class ClipRecipe:
     # ranked by default: images unlike the base objects then stay away from the base labels.
     background: tuple[str, ...] = ("sketches",)
     # Cap on the learned logit scale (CLIP's is 100). The task loss uses this scale: at 100 (or
-    # the ~15 this recipe learns uncapped) the task's cross-entropy saturates while images are
-    # still nearer a base label than their own class prompt; at 5 it keeps pulling them in.
+    # at the scale this recipe learns uncapped) the task's cross-entropy saturates while
+    # images are still nearer a base label than their own class prompt; at 5 it keeps pulling
+    # them in (docs/research/clip-suite.md, section 2).
     max_logit_scale: float = 5.0
     # Text-only word-identity objective (InfoNCE between two prompt templates around the same
     # vocabulary word): every word's embedding is trained, so the unseen class words of the

@@ -236,7 +236,8 @@ def _word_identity_loss(
     """Symmetric InfoNCE between two templated prompts of the same random words.
 
     Text tower only: it keeps each word's identity in the pooled text embedding (without it
-    the class prompts of an unseen domain are near-duplicates, cosine 0.83-0.999)."""
+    the class prompts of an unseen domain are near-duplicates:
+    docs/research/clip-pretraining.md)."""
     n = min(recipe.word_batch, len(words))
     templates = _word_templates()
     # Phrases of 1-3 random words (class names have up to three), each in two random templates

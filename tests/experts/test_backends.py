@@ -1,5 +1,5 @@
-"""Layer backends (mora_runtime/backends): each against the float64 reference, the selector's
-choices, explicit choices, and one selection per forward."""
+"""Layer backends (mora_runtime/experts/backends): each against the float64 reference, the
+selector's choices, explicit choices, and one selection per forward."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-// What the AVX2 kernels of the CPU extension share (cpu_kernels.py builds them only on
+// What the AVX2 kernels of the CPU extension share (mora_runtime/cpu/build.py builds them only on
 // x86-64 CPUs with AVX2 and FMA).
 #pragma once
 

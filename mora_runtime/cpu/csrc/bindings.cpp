@@ -1,4 +1,4 @@
-// The Python module of the CPU kernels (built by mora_runtime/cpu_kernels.py). Its portable
+// The Python module of the CPU kernels (built by mora_runtime/cpu/build.py). Its portable
 // build (no AVX2) has the layer call alone.
 #include <torch/extension.h>
 

@@ -8,11 +8,11 @@
 // engine's cache buffers are views with a larger column capacity); mask [B, L] bool or
 // empty; out [B, H, d].
 //
-// Why not torch's scaled_dot_product_attention: for one query token over ~100 columns its
-// CPU kernels are built for long queries (blocked flash attention, or batched GEMMs of
-// 3 x 64 by 64 x 100) and take ~250-350 us per layer at 16 sequences, mostly set-up; this
-// loop takes ~120 us (2 threads). The query heads that share a key/value head run together,
-// so each key row is read once for them.
+// Why not torch's scaled_dot_product_attention: for one query token per sequence over
+// its cache, its CPU kernels are built for long queries (blocked flash attention, or batched
+// small GEMMs) and spend most of a call on set-up, which this loop does not have
+// (docs/performance.md has the figures). The query heads that share a key/value head run
+// together, so each key row is read once for them.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 

@@ -1,10 +1,10 @@
 // One adapted layer's whole MoRA update in one call, for CPU float32 inference (the
-// cpu_fused layer backend, mora_runtime/backends/cpu_fused.py):
+// cpu_fused layer backend, mora_runtime/experts/backends/cpu_fused.py):
 //   z = x A^T (expert_scores.cpp's tiles up to `kernel_max_tokens` tokens, else at::mm),
 //   then every token's routing and value update (mora_route.h), then the activation
 //   counts. Up to `kernel_max_tokens` tokens both phases run in one OpenMP region (torch's
 //   thread count); beyond, at::mm and then the tokens over torch's thread pool. Built
-//   without AVX2 (cpu_kernels.py's portable build), the scores are always at::mm.
+//   without AVX2 (cpu/build.py's portable build), the scores are always at::mm.
 // What it saves over the tensor path is its dozen small tensor ops per layer, whose fixed
 // cost, paid by every adapted layer of every decode step, dwarfs their arithmetic;
 // prefill-sized batches also route on every thread. The routing may round differently from
@@ -241,9 +241,9 @@ void bind_expert_layer(pybind11::module& module) {
            py::arg("slot_scale"), py::arg("kernel_max_tokens"), py::arg("mask"),
            py::arg("seq"), py::arg("seq_top_k"), py::arg("seq_threshold"), py::arg("valid"))
       .def("accepts", &ExpertLayerPlan::accepts)
-      // The GIL is kept for decode-sized calls (tens of microseconds): each release hands
-      // it to whichever thread waits (a server replica's event loop), and taking it back
-      // waits for that thread, once per adapted layer. Prefill-sized calls release it.
+      // The GIL is kept for decode-sized calls, which are short: each release hands it to
+      // whichever thread waits (a server replica's event loop), and taking it back waits for
+      // that thread, once per adapted layer. Prefill-sized calls release it.
       .def(
           "apply",
           [](ExpertLayerPlan& plan, const at::Tensor& x, const at::Tensor& A,

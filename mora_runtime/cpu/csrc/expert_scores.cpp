@@ -2,9 +2,8 @@
 //   z[t, n] = sum_i x[t, i] * A[n, i]        x [T, D] f32, A [N, D] f32 (both contiguous)
 // What torch.mm(x, A.t()) computes, for the shapes of a decode step (T = a few dozen tokens,
 // N = the pool's slots, D = a layer's input width). At those shapes a BLAS call spends more
-// on set-up and threading than on the ~3 MFLOP (measured at 16 x 160 x 576, 2 threads:
-// torch.mm 60-100 us, this loop 30-50 us, warm and cold caches), and a model calls it once
-// per adapted layer per step. Tiles of 4 keys x 3 tokens keep 12 sums in registers; the tile's
+// on set-up and threading than on the arithmetic (docs/performance.md has the figures), and
+// a model calls it once per adapted layer per step. Tiles of 4 keys x 3 tokens keep 12 sums in registers; the tile's
 // keys stay in L1 while every token passes. Work is split over keys on torch's thread pool.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>

@@ -20,7 +20,7 @@ answer with the layout; every adapted layer then calls `plan.apply(x, y, layer)`
 No ctypes C library: the plain C routing library that used to serve machines without the
 extension is gone. At decode sizes one C call per layer costs a fraction of the tensor
 path's dozen small ops, so CPUs without AVX2 keep a C layer call, but as the extension's
-portable build (cpu_kernels.layer_kernels: the same source, scores through at::mm) rather
+portable build (cpu/build.py's `layer_kernels`: the same source, scores through at::mm) rather
 than a second library with its own build, bindings and per-token routing entry point.
 
 Adding a backend (e.g. Triton for CUDA): one file with a `LayerBackend` subclass whose

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 
 class AdaptedLayer(Protocol):
-    """What a backend reads of one adapted layer (`pool_slots.PoolLayer` in serving)."""
+    """What a backend reads of one adapted layer (`slots.PoolLayer` in serving)."""
 
     path: str  # module path: keys the trainable experts of this layer
     kind: str  # bounded statistics label, e.g. "q_proj"

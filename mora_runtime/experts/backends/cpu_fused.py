@@ -1,6 +1,6 @@
 """The fused CPU extension: scores, routing, value update and statistics of one adapted layer
 in one call (`ExpertLayerPlan`, csrc/expert_layer.cpp), for CPU float32 inference; the
-extension's AVX2 build where the CPU has it, else its portable build (cpu_kernels.py).
+extension's AVX2 build where the CPU has it, else its portable build (mora_runtime/cpu/build.py).
 
 No tensor op on the way from the layer to the extension: a decode step makes this call in
 every adapted layer, and each op would release the GIL, which a server replica's other
