@@ -18,7 +18,9 @@ import torch
 from torch import Tensor
 
 FORMAT = "mora-expert-set"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what this build writes
+# Version 2 adds `prompt_template` (CLIP); version 1 files, which lack it, still load.
+READABLE_VERSIONS = (1, 2)
 TENSORS_FILE = "expert_set.safetensors"
 METADATA_FILE = "expert_set.json"
 MODEL_KINDS = ("causal_lm", "clip")
@@ -40,6 +42,8 @@ MAX_INT_FIELD = 1 << 16  # rank and top_k; StoreLimits.max_rank may bound rank f
 MAX_MODULE_DIM = 1 << 24  # D and O of one adapted layer
 MAX_ABS_SCALE = 1e4  # a LoRA's alpha / r is orders of magnitude below this
 TAU_RANGE = (1e-6, 1e3)  # a softmax temperature over unit-norm scores
+MAX_TEMPLATE_CHARS = 256  # a CLIP prompt template; CLIP tokenizers truncate far below this
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 # Elements of each weight that enter the fingerprint hash: enough to tell two checkpoints of
 # one architecture apart, cheap enough to fingerprint a model at every load.
 _FINGERPRINT_SAMPLE = 64
@@ -152,6 +156,27 @@ def _check_float(
     return value
 
 
+def check_prompt_template(template: Any) -> str | None:
+    """None, or a one-line template of at most MAX_TEMPLATE_CHARS with exactly one "{}" (where
+    the class name goes); raises ValueError saying what is wrong."""
+    if template is None:
+        return None
+    if not isinstance(template, str):
+        raise ValueError(f"prompt_template must be a string, got {type(template).__name__}")
+    if not 0 < len(template) <= MAX_TEMPLATE_CHARS:
+        raise ValueError(f"prompt_template must have 1 to {MAX_TEMPLATE_CHARS} characters")
+    if template.count("{}") != 1:
+        raise ValueError(f"prompt_template {template!r} needs exactly one '{{}}' for the label")
+    if _CONTROL_CHARS.search(template):
+        raise ValueError(f"prompt_template {template!r} has control characters")
+    return template
+
+
+def _readable(version: Any) -> bool:
+    # `true` and `1.0` compare equal to 1 but are not a version number.
+    return type(version) is int and version in READABLE_VERSIONS
+
+
 def _check_fingerprint(fp: Any) -> dict[str, Any]:
     if not isinstance(fp, Mapping):
         _fail("field 'base_model' must be an object")
@@ -190,6 +215,8 @@ class ExpertSetMeta:
     threshold: float
     scale: float
     class_names: tuple[str, ...] = ()
+    # CLIP: the template the set's class names were learned with (None: the classifier's default).
+    prompt_template: str | None = None
     created_at: str = field(default_factory=utc_now_iso)
     training: Mapping[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
@@ -214,7 +241,8 @@ class ExpertSetMeta:
         put(self, "target_modules", tuple(sorted(targets)))
         _check_int("rank", self.rank, 1)
         _check_int("top_k", self.top_k, 1)
-        _check_int("format_version", self.format_version, 1)
+        if not _readable(self.format_version):
+            _fail(f"format_version must be one of {READABLE_VERSIONS}, got {self.format_version!r}")
         put(self, "tau", _check_float("tau", self.tau, *TAU_RANGE))
         # s is a unit-norm score in [-1, 1]; -1 disables pruning.
         put(self, "threshold", _check_float("threshold", self.threshold, -1.0, 1.0))
@@ -225,6 +253,7 @@ class ExpertSetMeta:
         if not all(isinstance(c, str) and c for c in names):
             _fail("class_names entries must be non-empty strings")
         put(self, "class_names", tuple(names))
+        self._check_template()
         try:
             when = datetime.fromisoformat(self.created_at)
         except (TypeError, ValueError):
@@ -238,8 +267,28 @@ class ExpertSetMeta:
         except (TypeError, ValueError) as e:
             _fail(f"training is not JSON-serialisable: {e}")
 
-    def to_json_dict(self) -> dict[str, Any]:
+    def _check_template(self) -> None:
+        try:
+            check_prompt_template(self.prompt_template)
+        except ValueError as e:
+            _fail(str(e))
+        if self.prompt_template is None:
+            return
+        if self.format_version < 2:
+            _fail("prompt_template needs format_version 2")
+        if self.model_kind != "clip" or not self.class_names:
+            _fail("prompt_template belongs to a CLIP set with class_names")
+
+    def pool_meta(self) -> dict[str, Any]:
+        """What an ExpertPool entry keeps of this metadata (`ExpertPool.stage_set(meta=...)`)."""
         return {
+            "class_names": list(self.class_names),
+            "prompt_template": self.prompt_template,
+            "rank": self.rank,
+        }
+
+    def to_json_dict(self) -> dict[str, Any]:
+        data = {
             "format": FORMAT,
             "format_version": self.format_version,
             "name": self.name,
@@ -252,9 +301,13 @@ class ExpertSetMeta:
             "threshold": self.threshold,
             "scale": self.scale,
             "class_names": list(self.class_names),
+            "prompt_template": self.prompt_template,
             "created_at": self.created_at,
             "training": dict(self.training),
         }
+        if self.format_version == 1:
+            del data["prompt_template"]  # written as the version says: it has no such field
+        return data
 
     @classmethod
     def from_json_dict(cls, data: Any) -> ExpertSetMeta:
@@ -266,22 +319,24 @@ class ExpertSetMeta:
                 f"{METADATA_FILE}: format is {data.get('format')!r}, expected {FORMAT!r}"
             )
         version = data.get("format_version")
-        if version != FORMAT_VERSION or isinstance(version, bool):
+        if not _readable(version):
             raise UnsupportedFormatError(
                 f"{METADATA_FILE}: format_version {version!r} is not supported "
-                f"(this build reads version {FORMAT_VERSION})"
+                f"(this build reads versions {list(READABLE_VERSIONS)})"
             )
-        missing = sorted(set(_JSON_FIELDS) - data.keys())
-        extra = sorted(data.keys() - set(_JSON_FIELDS))
+        keys = _JSON_FIELDS if version >= 2 else _V1_FIELDS
+        missing = sorted(set(keys) - data.keys())
+        extra = sorted(data.keys() - set(keys))
         if missing:
             _fail(f"missing field(s) {missing}")
         if extra:
-            _fail(f"unknown field(s) {extra}")
-        return cls(**{k: data[k] for k in _JSON_FIELDS if k != "format"})
+            _fail(f"unknown field(s) {extra} in format_version {version}")
+        return cls(**{k: data[k] for k in keys if k != "format"})
 
 
-# JSON keys in file order: "format" plus every ExpertSetMeta field.
+# JSON keys in file order: "format" plus every ExpertSetMeta field (version 1: no template).
 _JSON_FIELDS = ("format", *(f.name for f in fields(ExpertSetMeta)))
+_V1_FIELDS = tuple(k for k in _JSON_FIELDS if k != "prompt_template")
 
 
 @dataclass(frozen=True)

@@ -177,12 +177,15 @@ def peft_to_expert_set(
     tau: float | None = None,
     threshold: float | None = None,
     class_names: tuple[str, ...] = (),
+    prompt_template: str | None = None,
 ) -> ExpertSet:
     """Build (and validate) the expert set of a PEFT LoRA adapter in memory.
 
     Give exactly one of `base_fingerprint` (from `format.base_fingerprint` over the adapter's
     modules) or `base_model` (the unwrapped HF model the adapter was trained on). Routing
     settings left as None take `ROUTING_DEFAULTS[model_kind]` (mora_runtime/experts/defaults.py).
+    A CLIP adapter may name its `class_names` and their `prompt_template` (None: the
+    classifier's default template).
     """
     if (base_fingerprint is None) == (base_model is None):
         raise ValueError("pass exactly one of base_fingerprint or base_model")
@@ -257,6 +260,7 @@ def peft_to_expert_set(
         threshold=defaults.threshold if threshold is None else threshold,
         scale=scale,
         class_names=class_names,
+        prompt_template=prompt_template,
         training=training,
     )
     expert_set = ExpertSet(meta=meta, tensors=tensors)
@@ -276,6 +280,7 @@ def convert_peft_adapter(
     tau: float | None = None,
     threshold: float | None = None,
     class_names: tuple[str, ...] = (),
+    prompt_template: str | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Convert a PEFT LoRA adapter directory into an expert set directory; returns out_dir."""
@@ -289,6 +294,7 @@ def convert_peft_adapter(
         tau=tau,
         threshold=threshold,
         class_names=class_names,
+        prompt_template=prompt_template,
     )
     out = store.save_expert_set(expert_set, out_dir, overwrite=overwrite)
     logger.info(

@@ -20,6 +20,7 @@ import torch
 from mora_runtime.experts.patching import find_target_modules
 from mora_runtime.learn import suites_clip
 from mora_runtime.learn.data import ImageDataset
+from mora_runtime.learn.domains import label_templates
 from mora_runtime.learn.learn_task import learn_clip
 from mora_runtime.learn.lora_baseline import LoRA
 from mora_runtime.learn.objectives import ClipObjective, training_logit_scale
@@ -68,6 +69,13 @@ class ClipHarness:
         self.base = ClipClassifier(load_clip(model_dir, device="cpu"))
         modules = find_target_modules(self.base.clip.model)
         self.lora = LoRA(self.base.clip.model, modules, cfg.rank, scale=cfg.scale, seed=cfg.seed)
+        # Every method prompts a class name with its domain's template, a task's own before it
+        # is learned too (the MoRA sets carry it only once loaded); base labels keep the model's.
+        own = {
+            k: v for k, v in label_templates().items() if k not in self.base.clip.label_templates
+        }
+        self.mora.register_templates(own)
+        self.base.register_templates(own)
         self.base_labels = tuple(self.mora.clip.base_labels)
         size = self.mora.clip.model.config.vision_config.image_size
         self.train: dict[str, ImageDataset] = {

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from mora_runtime.expert_sets.format import ExpertSet
+from mora_runtime.expert_sets.format import ExpertSet, check_prompt_template
 from mora_runtime.expert_sets.store import save_expert_set
 from mora_runtime.experts.pool import ExpertPool
 from mora_runtime.learn.data import (
@@ -29,6 +29,7 @@ from mora_runtime.learn.data import (
     read_image_data,
     read_lm_jsonl,
 )
+from mora_runtime.learn.domains import label_templates
 from mora_runtime.learn.objectives import ClipObjective, LMObjective
 from mora_runtime.learn.trainer import (
     CLIP_DEFAULTS,
@@ -40,6 +41,7 @@ from mora_runtime.learn.trainer import (
     thread_budget,
     training_summary,
 )
+from mora_runtime.models.clip import DEFAULT_TEMPLATE
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +84,20 @@ def learn_lm(
     return build_expert_set(lm.model, name, "causal_lm", experts, cfg, training=summary)
 
 
+def task_template(class_names: Sequence[str], template: str | None = None) -> str:
+    """The prompt template a CLIP task is learned with and its expert set carries: `template`
+    when given, else that of the bundled domain every class name belongs to (an exported
+    suite task), else the classifier's default."""
+    if template is not None:
+        check_prompt_template(template)
+        return template
+    bundled = label_templates()
+    found = {bundled.get(label) for label in class_names}
+    if len(found) == 1 and None not in found:
+        return found.pop()
+    return DEFAULT_TEMPLATE
+
+
 def learn_clip(
     classifier: Any,  # mora_runtime.models.clip.ClipClassifier, patched
     data: ImageDataset,
@@ -91,7 +107,10 @@ def learn_clip(
     data_hash: str | None = None,
     progress: bool = True,
     extra: dict[str, Any] | None = None,
+    prompt_template: str | None = None,
 ) -> ExpertSet:
+    """`prompt_template`: see `task_template`. Each class name trains with the prompt the
+    classifier will give it once the set is loaded (a base label keeps the base model's)."""
     pool = classifier.pool
     if pool is None:
         raise ValueError("the classifier must be patched (ClipClassifier.patch) before learning")
@@ -99,7 +118,8 @@ def learn_clip(
     clash = sorted(earlier & set(data.class_names))
     if clash:
         logger.warning("class names already learned by an earlier set: %s", clash[:10])
-    prompts = [classifier.prompt(label) for label in data.class_names]
+    template = task_template(data.class_names, prompt_template)
+    prompts = list(classifier.prompts(data.class_names, default=template))
     objective = ClipObjective(
         classifier.clip, data, batch_size=cfg.batch_size, seed=cfg.seed, prompts=prompts
     )
@@ -120,6 +140,7 @@ def learn_clip(
         experts,
         cfg,
         class_names=data.class_names,
+        prompt_template=template,
         training=summary,
     )
 
@@ -142,15 +163,20 @@ def learn_from_files(
     overwrite: bool = False,
     progress: bool = True,
     threads: int | None = None,
+    prompt_template: str | None = None,
 ) -> LearnResult:
     """`mora learn`: base model + frozen pool + data -> a new expert set saved at `out`.
 
-    `threads`: intra-op threads (None: the cores other processes leave free)."""
+    `threads`: intra-op threads (None: the cores other processes leave free).
+    `prompt_template`: a CLIP task's template (see `task_template`)."""
     if Path(out).exists() and not overwrite:
         raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
+    if prompt_template is not None and KIND_ALIASES.get(kind) != "clip":
+        raise ValueError("a prompt template is for CLIP tasks only")
+    check_prompt_template(prompt_template)  # before any model loads
     with thread_budget(threads):
         return _learn_from_files(
-            kind, data_path, name, out, base, pool_dirs, cfg, overwrite, progress
+            kind, data_path, name, out, base, pool_dirs, cfg, overwrite, progress, prompt_template
         )
 
 
@@ -164,6 +190,7 @@ def _learn_from_files(
     cfg: LearnConfig | None,
     overwrite: bool,
     progress: bool,
+    prompt_template: str | None,
 ) -> LearnResult:
     model_kind = KIND_ALIASES.get(kind)
     if model_kind is None:
@@ -192,6 +219,14 @@ def _learn_from_files(
         classifier = ClipClassifier(load_clip(base, device="cpu"))
         pool = classifier.patch(cfg.routing)
         load_pool_sets(classifier.clip.model, pool, pool_dirs, model_kind)
-        expert_set = learn_clip(classifier, data, cfg, name=name, progress=progress, extra=extra)
+        expert_set = learn_clip(
+            classifier,
+            data,
+            cfg,
+            name=name,
+            progress=progress,
+            extra=extra,
+            prompt_template=prompt_template,
+        )
     path = save_expert_set(expert_set, out, overwrite=overwrite)
     return LearnResult(path, expert_set)

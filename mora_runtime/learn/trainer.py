@@ -255,6 +255,7 @@ def build_expert_set(
     cfg: LearnConfig,
     *,
     class_names: Sequence[str] = (),
+    prompt_template: str | None = None,
     training: Mapping[str, Any] | None = None,
 ) -> ExpertSet:
     """The runtime file format of freshly learned experts (fingerprint over their modules)."""
@@ -270,6 +271,7 @@ def build_expert_set(
         threshold=cfg.threshold,
         scale=cfg.scale,
         class_names=tuple(class_names),
+        prompt_template=prompt_template,
         training=dict(training or {}),
     )
     return ExpertSet(meta, dict(experts))
@@ -293,12 +295,7 @@ def training_summary(
 
 def add_to_pool(pool: ExpertPool, expert_set: ExpertSet) -> None:
     meta = expert_set.meta
-    pool.add_set(
-        meta.name,
-        expert_set.tensors,
-        scale=meta.scale,
-        meta={"class_names": list(meta.class_names), "rank": meta.rank},
-    )
+    pool.add_set(meta.name, expert_set.tensors, scale=meta.scale, meta=meta.pool_meta())
 
 
 def load_pool_sets(

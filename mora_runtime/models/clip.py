@@ -5,6 +5,10 @@ label prompts go through the text tower once (cached per pool version and label 
 images through the vision tower in one batched forward, and the logits are computed exactly
 as `CLIPModel.forward` computes them, so an empty pool reproduces the base model bit for bit.
 
+A label's prompt comes from its template: one registered on the classifier or given by the
+base model's labels.json, else the one carried by a loaded expert set that declares the label
+(expert-set format version 2), else DEFAULT_TEMPLATE. Nothing here knows any training data.
+
 Shape legend: B = images, L = labels, E = projection dim.
 """
 
@@ -13,9 +17,8 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 from PIL import Image
@@ -24,23 +27,31 @@ from torch import Tensor
 from mora_runtime.experts.context import ForwardContext, forward_context
 from mora_runtime.experts.patching import patch_model
 from mora_runtime.experts.pool import ExpertPool
-from mora_runtime.experts.slots import PoolSnapshot, RoutingConfig
+from mora_runtime.experts.slots import ExpertSetEntry, PoolSnapshot, RoutingConfig
 from mora_runtime.experts.stats import SequenceRouting, StepRouting
-from mora_runtime.learn.domains import label_templates
 from mora_runtime.models.clip_loading import LoadedClip, pixel_values
 
 DEFAULT_TEMPLATE = "a photo of {}"
 
 
-def prompt_for(label: str, templates: Mapping[str, str] | None = None) -> str:
-    """The text prompt of a label: its own template, else its bundled domain's, else default."""
-    template = (templates or {}).get(label) or _bundled_templates().get(label) or DEFAULT_TEMPLATE
-    return template.replace("{}", label)
+def prompt_for(
+    label: str, templates: Mapping[str, str] | None = None, default: str = DEFAULT_TEMPLATE
+) -> str:
+    """The text prompt of a label: its template in `templates`, else `default`."""
+    return ((templates or {}).get(label) or default).replace("{}", label)
 
 
-@lru_cache(maxsize=1)
-def _bundled_templates() -> dict[str, str]:
-    return label_templates()
+def set_templates(sets: Iterable[ExpertSetEntry]) -> dict[str, str]:
+    """Class name -> the prompt template of a loaded set that declares it. When several sets
+    declare one name, the set whose name sorts first gives it: an order that every replica
+    agrees on, however and whenever each loaded the sets (load order and slots differ)."""
+    out: dict[str, str] = {}
+    for entry in sorted(sets, key=lambda e: e.name):
+        template = entry.meta.get("prompt_template")
+        if template:
+            for label in entry.meta.get("class_names", ()):
+                out.setdefault(str(label), str(template))
+    return out
 
 
 @dataclass(frozen=True)
@@ -110,7 +121,8 @@ class ClipClassifier:
         return self._pool
 
     def register_templates(self, templates: Mapping[str, str]) -> None:
-        """Prompt templates ("... {} ...") for labels, e.g. an expert set's class names."""
+        """Prompt templates ("... {} ...") for labels; they come before the base model's and
+        the loaded sets' templates."""
         for label, template in templates.items():
             if template.count("{}") != 1:
                 raise ValueError(f"template for {label!r} needs exactly one '{{}}': {template!r}")
@@ -118,8 +130,24 @@ class ClipClassifier:
             self._templates.update(templates)
             self._cache.clear()
 
-    def prompt(self, label: str) -> str:
-        return prompt_for(label, self._templates)
+    def prompts(
+        self,
+        labels: Sequence[str],
+        snapshot: PoolSnapshot | None = None,
+        default: str | None = None,
+    ) -> tuple[str, ...]:
+        """The text prompts of `labels` under `snapshot`'s sets (default: the pool's latest).
+        `default` replaces DEFAULT_TEMPLATE for labels nothing else has a template for (how
+        learning builds the prompts of a set that is not loaded yet)."""
+        if snapshot is None and self._pool is not None:
+            snapshot = self._pool.latest()
+        carried = set_templates(snapshot.sets) if snapshot is not None else {}
+        fallback = default or DEFAULT_TEMPLATE
+        own = self._templates  # registered and base-model templates come first
+        return tuple(prompt_for(label, own, carried.get(label, fallback)) for label in labels)
+
+    def prompt(self, label: str, default: str | None = None) -> str:
+        return self.prompts((label,), default=default)[0]
 
     def clear_cache(self) -> None:
         with self._lock:
@@ -207,7 +235,7 @@ class ClipClassifier:
         threshold: float | None,
     ) -> tuple[Tensor, StepRouting | None]:
         """[L, E] normalised label embeddings, and the routing when they were computed."""
-        prompts = tuple(self.prompt(label) for label in labels)
+        prompts = self.prompts(labels, snap)
         key = (snap.version if snap is not None else -1, prompts, top_k, threshold)
         with self._lock:
             cached = self._cache.get(key)

@@ -88,7 +88,7 @@ class ReplicaPool:
                     meta.name,
                     expert_set.tensors,
                     scale=meta.scale,
-                    meta={"class_names": list(meta.class_names), "rank": meta.rank},
+                    meta=meta.pool_meta(),
                 )
             except PoolError as exc:
                 raise ExpertSetError(str(exc)) from None

@@ -228,3 +228,24 @@ def test_differing_ranks_are_rejected(tmp_path: Path) -> None:
     )
     with pytest.raises(UnsupportedAdapterError, match="ranks differ"):
         convert_peft_adapter(adapter_dir, tmp_path / "s", name="s", base_model=base)
+
+
+def test_template_passes_through_only_when_given(tmp_path: Path) -> None:
+    base, _, adapter_dir = make_adapter(
+        tiny_llama, tmp_path, r=2, lora_alpha=4, target_modules=["q_proj"]
+    )
+    # The format fields only: the converter takes any base model's fingerprint as given.
+    clip = dict(base_model=base, model_kind="clip", class_names=("circle", "star"))
+    plain = store.load_expert_set(
+        convert_peft_adapter(adapter_dir, tmp_path / "a", name="a", **clip)
+    )
+    assert plain.meta.prompt_template is None and plain.meta.format_version == 2
+    out = convert_peft_adapter(
+        adapter_dir, tmp_path / "b", name="b", prompt_template="a drawing of a {}.", **clip
+    )
+    assert store.load_expert_set(out).meta.prompt_template == "a drawing of a {}."
+    with pytest.raises(ValueError, match="exactly one"):
+        convert_peft_adapter(
+            adapter_dir, tmp_path / "c", name="c", prompt_template="a drawing", **clip
+        )
+    assert not (tmp_path / "c").exists()

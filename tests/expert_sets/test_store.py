@@ -410,7 +410,7 @@ BAD_SETS: dict[str, tuple[Callable[[Path, Path], Path | None], dict[str, Any], t
         Q0,
     ),
     "unknown_format_version": (
-        lambda d, t: edit_json(d, lambda j: j.update(format_version=2)),
+        lambda d, t: edit_json(d, lambda j: j.update(format_version=3)),
         {},
         UnsupportedFormatError,
         "format_version",

@@ -22,7 +22,9 @@ from mora_runtime.learn.clip_build import (
     build_tokenizer,
     save_clip_dir,
 )
-from mora_runtime.learn.data import LMExample, write_image_folder, write_lm_jsonl
+from mora_runtime.learn.data import ImageDataset, LMExample, write_image_folder, write_lm_jsonl
+from mora_runtime.learn.domains import domain_names, get_domain
+from mora_runtime.learn.harness_clip import ClipHarness
 from mora_runtime.learn.learn_task import learn_clip, learn_from_files, learn_lm
 from mora_runtime.learn.lora_baseline import LoRA
 from mora_runtime.learn.objectives import LMObjective, collate, tokenize_examples
@@ -35,7 +37,7 @@ from mora_runtime.learn.trainer import (
     learn_experts,
     load_pool_sets,
 )
-from mora_runtime.models.clip import ClipClassifier
+from mora_runtime.models.clip import DEFAULT_TEMPLATE, ClipClassifier
 from mora_runtime.models.clip_loading import load_clip
 from mora_runtime.models.lm import load_causal_lm
 
@@ -259,7 +261,10 @@ def test_clip_task_learns_new_experts_only(tiny_clip_dir, tmp_path) -> None:
         assert torch.equal(A, before_pool[path][0]) and torch.equal(B, before_pool[path][1])
     assert first.meta.class_names == data.class_names and first.meta.model_kind == "clip"
     assert second.meta.training["pool"] == ["shapes"]
-    assert len(second.meta.training["prompts"]) == 6
+    # Each set carries its domain's template and trained with exactly the domain's prompts.
+    for expert_set, domain in ((first, get_domain("shapes")), (second, get_domain("glyphs"))):
+        assert expert_set.meta.prompt_template == domain.prompt_template
+        assert expert_set.meta.training["prompts"] == domain.prompts()
     directory = save_expert_set(second, tmp_path / "glyphs")
     model = classifier.clip.model
     modules = find_target_modules(model)
@@ -267,6 +272,7 @@ def test_clip_task_learns_new_experts_only(tiny_clip_dir, tmp_path) -> None:
         directory, expected_fingerprint=base_fingerprint(model, modules), expected_kind="clip"
     )
     assert loaded.meta.class_names == second.meta.class_names
+    assert loaded.meta.prompt_template == second.meta.prompt_template
 
 
 def test_clip_learn_from_image_folder(tiny_clip_dir, tmp_path) -> None:
@@ -280,6 +286,53 @@ def test_clip_learn_from_image_folder(tiny_clip_dir, tmp_path) -> None:
         task_data("shapes", "test", per_class=1).class_names
     )
     assert meta["training"]["images"] == 12 and meta["rank"] == 2
+    # An exported suite task is recognised by its class names: its domain's template.
+    assert meta["format_version"] == 2
+    assert meta["prompt_template"] == get_domain("shapes").prompt_template
+
+
+def test_clip_harness_prompts_every_domain_with_its_template(tiny_clip_dir) -> None:
+    # The continual-learning results depend on these prompts: each domain's own template,
+    # for every method and before a task is learned (its set is not loaded yet).
+    harness = ClipHarness(
+        ["shapes", "glyphs"], CFG, model_dir=tiny_clip_dir, train_per_class=1, test_per_class=1
+    )
+    for name in domain_names():
+        domain = get_domain(name)
+        for classifier in (harness.mora, harness.base):
+            assert list(classifier.prompts(domain.class_names)) == domain.prompts()
+
+
+def test_task_template() -> None:
+    shapes, glyphs = get_domain("shapes"), get_domain("glyphs")
+    assert learn_task.task_template(shapes.class_names) == shapes.prompt_template
+    assert learn_task.task_template(["circle", "letter B"]) == DEFAULT_TEMPLATE  # two domains
+    assert learn_task.task_template(["circle", "blob"]) == DEFAULT_TEMPLATE
+    assert learn_task.task_template(glyphs.class_names, "a {} in ink") == "a {} in ink"
+    with pytest.raises(ValueError, match="exactly one"):
+        learn_task.task_template(["blob"], "no slot")
+
+
+def test_user_clip_task_carries_the_default_or_its_own_template(tiny_clip_dir, tmp_path) -> None:
+    shapes = task_data("shapes", "train", per_class=2)
+    data = ImageDataset(("left blob", "right blob"), shapes.images[:4], (0, 1, 0, 1))
+    folder = write_image_folder(tmp_path / "blobs", data)
+    cfg = learn_task.CLIP_DEFAULTS.with_overrides(rank=2, top_k=2, steps=1, batch_size=4)
+    run = dict(base=tiny_clip_dir, cfg=cfg, progress=False)
+    plain = learn_from_files("clip", folder, "blobs", tmp_path / "a", **run).expert_set.meta
+    assert plain.prompt_template == DEFAULT_TEMPLATE
+    assert plain.training["prompts"] == ["a photo of left blob", "a photo of right blob"]
+    own = learn_from_files(
+        "clip", folder, "blobs", tmp_path / "b", prompt_template="a {} on paper", **run
+    ).expert_set.meta
+    assert own.prompt_template == "a {} on paper"
+    assert own.training["prompts"] == ["a left blob on paper", "a right blob on paper"]
+    # Refused before any model loads or anything is written.
+    with pytest.raises(ValueError, match="exactly one"):
+        learn_from_files("clip", folder, "blobs", tmp_path / "c", prompt_template="x", **run)
+    with pytest.raises(ValueError, match="CLIP"):
+        learn_from_files("lm", folder, "blobs", tmp_path / "d", prompt_template="a {}", **run)
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
 
 
 # --- LoRA baseline ---------------------------------------------------------------------------

@@ -7,14 +7,19 @@ so loading is exercised too. Nothing here trains or downloads anything.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from mora_runtime.expert_sets.format import ExpertSet, ExpertSetMeta, base_fingerprint
+from mora_runtime.expert_sets.store import load_expert_set, save_expert_set
 from mora_runtime.experts.pool import ExpertPool
-from mora_runtime.experts.slots import RoutingConfig
+from mora_runtime.experts.slots import ExpertSetEntry, RoutingConfig
 from mora_runtime.learn.clip_build import (
     EOS,
     UNK,
@@ -25,7 +30,7 @@ from mora_runtime.learn.clip_build import (
     save_clip_dir,
 )
 from mora_runtime.learn.domains import domain_names, get_domain, load_domain
-from mora_runtime.models.clip import DEFAULT_TEMPLATE, ClipClassifier, prompt_for
+from mora_runtime.models.clip import DEFAULT_TEMPLATE, ClipClassifier, prompt_for, set_templates
 from mora_runtime.models.clip_loading import (
     LABELS_FILENAME,
     ClipNotAvailableError,
@@ -88,12 +93,21 @@ def reference_logits(clf: ClipClassifier, model, images, labels) -> torch.Tensor
 # --- prompts, tokenizer, loading --------------------------------------------------------------
 
 
-def test_prompt_for_uses_label_domain_then_default() -> None:
-    shapes = get_domain("shapes")
-    assert prompt_for("star") == shapes.prompt("star")
-    assert prompt_for("handwritten seven") == get_domain("mnist").prompt("handwritten seven")
-    assert prompt_for("a cat") == DEFAULT_TEMPLATE.replace("{}", "a cat")
+def test_prompt_for_uses_the_given_template_then_the_default() -> None:
+    # Serving knows no training data: a bundled domain's class name gets no template of its own.
+    assert prompt_for("star") == DEFAULT_TEMPLATE.replace("{}", "star") == "a photo of star"
+    assert prompt_for("a cat") == "a photo of a cat"
     assert prompt_for("star", {"star": "a sky with one {}"}) == "a sky with one star"
+    assert prompt_for("star", {"circle": "a {}"}, "a drawing of a {}.") == "a drawing of a star."
+
+
+def test_the_classifier_imports_no_training_code() -> None:
+    code = (
+        "import sys, mora_runtime.models.clip\n"
+        "print(sorted(m for m in sys.modules if m.startswith('mora_runtime.learn')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_register_templates(clf) -> None:
@@ -264,3 +278,98 @@ def test_invalid_requests(clf, images) -> None:
     clf.patch()
     with pytest.raises(ValueError, match="already patched"):
         clf.patch()
+
+
+# --- prompt templates carried by expert sets (format version 2) ------------------------------
+
+
+class PromptRecorder:
+    """Wraps the tokenizer: records every list of texts sent to the text tower."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.calls: list[list[str]] = []
+
+    def __call__(self, texts, **kwargs):
+        self.calls.append(list(texts))
+        return self.tokenizer(texts, **kwargs)
+
+
+def load_set(clf, directory: Path, name: str, classes, template, version: int = 2) -> None:
+    """Save a set for the tiny CLIP, read it back and load it as a replica does."""
+    pool = clf.pool
+    modules = {p: (layer.in_features, layer.out_features) for p, layer in pool.layers.items()}
+    meta = ExpertSetMeta(
+        name=name,
+        model_kind="clip",
+        base_model=base_fingerprint(clf.clip.model, modules),
+        target_modules=tuple(modules),
+        rank=2,
+        top_k=ROUTING.top_k,
+        tau=ROUTING.tau,
+        threshold=ROUTING.threshold,
+        scale=1.0,
+        class_names=tuple(classes),
+        prompt_template=template,
+        format_version=version,
+    )
+    saved = save_expert_set(ExpertSet(meta, random_set(pool, 2, seed=3)), directory / name)
+    loaded = load_expert_set(saved, expected_kind="clip")
+    assert loaded.meta.format_version == version
+    pool.add_set(name, loaded.tensors, scale=loaded.meta.scale, meta=loaded.meta.pool_meta())
+
+
+def test_a_version_2_set_prompts_its_class_names_with_its_template(
+    clf, images, tmp_path, monkeypatch
+) -> None:
+    pool = clf.patch(routing=ROUTING)
+    empty = pool.acquire()
+    recorder = PromptRecorder(clf.clip.tokenizer)
+    monkeypatch.setattr(clf, "clip", dataclasses.replace(clf.clip, tokenizer=recorder))
+    # "red block" is a base label: the base model's labels.json template stays its template.
+    load_set(clf, tmp_path, "shapes", ("circle", "star", "red block"), "a drawing of a {}.")
+    labels = ("circle", "star", "red block", "a cat")
+    expected = [
+        "a drawing of a circle.",
+        "a drawing of a star.",
+        "a photo of a red block.",
+        "a photo of a cat",
+    ]
+    assert list(clf.prompts(labels)) == expected
+    clf.classify(images, labels)
+    assert recorder.calls == [expected]
+    # A snapshot from before the set was loaded prompts without it.
+    clf.classify(images, labels, snapshot=empty)
+    assert recorder.calls[-1] == ["a photo of circle", "a photo of star", *expected[2:]]
+    pool.release(empty)
+    # A template registered on the classifier comes first.
+    clf.register_templates({"star": "a sky with one {}"})
+    assert clf.prompt("star") == "a sky with one star" and clf.prompt("circle") == expected[0]
+    pool.retire_set("shapes")
+    assert clf.prompt("circle") == "a photo of circle"
+
+
+def test_a_version_1_set_loads_and_prompts_with_the_default(
+    clf, images, tmp_path, monkeypatch
+) -> None:
+    clf.patch(routing=ROUTING)
+    recorder = PromptRecorder(clf.clip.tokenizer)
+    monkeypatch.setattr(clf, "clip", dataclasses.replace(clf.clip, tokenizer=recorder))
+    load_set(clf, tmp_path, "old", ("circle", "star"), None, version=1)
+    out = clf.classify(images, ("circle", "star"))
+    assert recorder.calls == [["a photo of circle", "a photo of star"]]
+    assert out.pool_version == 1 and set(out.routing.set_activations) <= {"old"}
+
+
+def test_sets_declaring_one_label_resolve_by_name_whatever_the_load_order() -> None:
+    def entry(name: str, slot: int, version: int, template: str | None) -> ExpertSetEntry:
+        meta = {"class_names": ["star", name], "prompt_template": template}
+        return ExpertSetEntry(name, slot, 1, 1.0, version, meta)
+
+    zeta, alpha, old = (
+        entry("zeta", 0, 1, "zeta {}"),
+        entry("alpha", 1, 2, "alpha {}"),
+        entry("aaa", 2, 3, None),
+    )
+    want = {"star": "alpha {}", "zeta": "zeta {}", "alpha": "alpha {}"}
+    assert set_templates([zeta, alpha, old]) == set_templates([old, alpha, zeta]) == want

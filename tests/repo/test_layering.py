@@ -26,9 +26,6 @@ FORBIDDEN = ("serving", "ray", "fastapi", "pydantic", "prometheus_client", "star
 LEARN = "mora_runtime.learn"
 # Command lines may offer learning (`mora learn`, the demo); nothing that serves may need it.
 LEARN_IMPORTERS = {"mora_runtime/cli.py", "serving/cli.py", "serving/demo.py"}
-# Pending: the CLIP classifier's bundled label templates move out of mora_runtime.learn (the
-# expert-set format carries them); remove this entry with that change.
-LEARN_IMPORTERS_PENDING = {"mora_runtime/models/clip.py"}
 LOADTEST_FORBIDDEN = ("torch", "mora_runtime", "serving")
 
 
@@ -116,7 +113,7 @@ def test_only_command_lines_import_the_learning_code() -> None:
             continue
         if any(is_under(m, LEARN) for m in imported_modules(path)):
             importers.add(str(path.relative_to(REPO)))
-    unexpected = importers - LEARN_IMPORTERS - LEARN_IMPORTERS_PENDING
+    unexpected = importers - LEARN_IMPORTERS
     assert not unexpected, f"{sorted(unexpected)} import {LEARN}; only CLIs may"
     # Guard: the scan does see the command line's import of the learning code.
     assert "mora_runtime/cli.py" in importers
