@@ -129,10 +129,10 @@ def downsample(values: Sequence[float], points: int) -> list[float]:
 def auto_threads() -> int:
     """Intra-op threads to use: the cores that other processes leave free (at least one).
 
-    OpenMP threads that share a core with another busy process spin at every barrier; on the
-    2-core development machine a training step ran 5-20x slower with 2 threads than with 1
-    while another process was busy. The load average is read before this process starts
-    working, so it counts only the others."""
+    OpenMP threads that share a core with another busy process spin at every barrier, so a
+    thread on a busy core slows every step down far more than it adds (docs/performance.md,
+    Threads). The load average is read before this process starts working, so it counts only
+    the others."""
     cores = torch.get_num_threads()
     try:
         busy = os.getloadavg()[0]
