@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import ray
@@ -23,6 +24,7 @@ from mora_runtime.engine.params import SamplingParams
 from mora_runtime.engine.types import EngineConfig, EngineOverloaded, TokenEvent
 from mora_runtime.experts.slots import RoutingConfig
 from serving.cluster.metrics import server_metrics
+from serving.cluster.protocol import HotLoadOp, Refusal, ReplicaDescription, ReplicaReport
 from serving.cluster.registry import RegistryState, registry_actor
 from serving.cluster.replica_pool import ReplicaPool
 from serving.config import ServerConfig
@@ -70,31 +72,26 @@ class _ReplicaBase:
         server_metrics().set_rss(self.model_name)
 
     # hot-load protocol, called by the ingress through handle.broadcast
-    async def prepare(self, op: dict[str, Any]) -> dict[str, Any]:
+    async def prepare(self, op: HotLoadOp) -> ReplicaReport:
         return await self.replica.prepare(op)
 
-    async def commit(self, op: dict[str, Any], state: RegistryState) -> dict[str, Any]:
+    async def commit(self, op: HotLoadOp, state: RegistryState) -> ReplicaReport:
         result = await self.replica.commit(op, state)
         self._refresh_gauges()
         return result
 
-    async def abort(self, op_id: str) -> dict[str, Any]:
+    async def abort(self, op_id: str) -> ReplicaReport:
         return await self.replica.abort(op_id)
 
-    async def sync(self, state: RegistryState) -> dict[str, Any]:
+    async def sync(self, state: RegistryState) -> ReplicaReport:
         result = await self.replica.sync(state)
         self._refresh_gauges()
         return result
 
-    async def describe_pool(self) -> dict[str, Any]:
+    async def describe_pool(self) -> ReplicaDescription:
         # The node lets an operator (and tests/integration/test_cluster.py) see where each
         # replica runs and which ones a lost node took with it.
-        node_id = ray.get_runtime_context().get_node_id()
-        return {
-            **self.replica.describe(),
-            "node_id": node_id,
-            "activations": dict(self.replica.activations),
-        }
+        return replace(self.replica.describe(), node_id=ray.get_runtime_context().get_node_id())
 
 
 async def event_batches(
@@ -181,13 +178,13 @@ class LMServer(_ReplicaBase):
 
     async def generate(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, stream: bool = True
-    ) -> AsyncIterator[list[TokenEvent] | dict[str, Any]]:
+    ) -> AsyncIterator[list[TokenEvent] | Refusal]:
         """Stream the request's events in lists: the first event alone (admission errors and
         the first token surface at once), then, with `stream`, whatever the engine has made
         since the last item, else all the rest in one list at the end. Every item crosses
         Ray as its own message, which costs both processes far more than the event itself
-        (docs/performance.md has what lists saved). Errors the client caused come back as one
-        `{"error": kind, "message": ...}` item, so they cross Ray without a traceback."""
+        (docs/performance.md has what lists saved). A request refused on admission comes back
+        as one `Refusal` item, so it crosses Ray without a traceback."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
 
@@ -197,10 +194,10 @@ class LMServer(_ReplicaBase):
         try:
             self.engine.submit(prompt_ids, params, on_event, request_id)
         except EngineOverloaded as exc:
-            yield {"error": "overloaded", "message": str(exc)}
+            yield Refusal("overloaded", str(exc))
             return
         except ValueError as exc:
-            yield {"error": "bad_request", "message": str(exc)}
+            yield Refusal("bad_request", str(exc))
             return
         finished = False
         try:

@@ -1,16 +1,18 @@
 """Hot-loading expert sets into every replica: all-or-nothing, no restart, no lost request.
 
-Protocol (driven by the ingress, `HotLoadCoordinator`):
+Protocol (driven by the ingress, `HotLoadCoordinator`; the records that cross Ray, such as
+`HotLoadOp` and `ReplicaReport`, are in serving/cluster/protocol.py):
 1. `prepare(op)` is broadcast to every replica of the target deployment: each one reads,
    fully validates and converts the set for its own pool and stages it (nothing is visible
    yet; `serving.cluster.replica_pool`).
 2. If every replica staged it, the registry commits the operation (new cluster version) and
-   `commit(op, version)` is broadcast: each replica installs the staged set between two
+   `commit(op, state)` is broadcast: each replica installs the staged set between two
    engine steps, published under that version. Otherwise `abort(op_id)` drops the staged
    copies and the registry is untouched.
 3. Each replica also reconciles with the registry in the background, so a replica that
    missed a commit, or started later, converges to the committed pool under the registry's
-   version: one version names one pool on every replica.
+   version: one version names one pool on every replica (and drops what it staged for a
+   commit it missed).
 Requests in flight keep the snapshot they were admitted with (see `mora_runtime.experts.pool`).
 """
 
@@ -28,6 +30,13 @@ from typing import Any
 
 from mora_runtime.expert_sets.format import ExpertSetError
 from mora_runtime.expert_sets.store import read_metadata, resolve_in_store
+from serving.cluster.protocol import (
+    HotLoadOp,
+    HotLoadResult,
+    ReplicaDescription,
+    ReplicaReport,
+    Unreached,
+)
 from serving.cluster.registry import RegistryState
 from serving.http.errors import BadRequest, ExpertConflict, ExpertLoadFailed, NotFound, Overloaded
 
@@ -45,7 +54,7 @@ class HotLoadCoordinator:
         self.registry = registry  # the registry actor
         self.handles = handles  # model_kind -> DeploymentHandle of its model deployment
         self.metrics = metrics
-        self._inflight: dict[str, asyncio.Future] = {}
+        self._inflight: dict[str, asyncio.Future[HotLoadResult]] = {}
 
     async def _state(self) -> RegistryState:
         from ray.exceptions import RayActorError
@@ -57,15 +66,17 @@ class HotLoadCoordinator:
 
     async def list_sets(self) -> dict[str, Any]:
         state = await self._state()
-        replicas: dict[str, list] = {}
+        replicas: dict[str, list[dict[str, Any]]] = {}
         activations: dict[str, int] = {}
         for kind, handle in self.handles.items():
             described = await handle.broadcast("describe_pool").results_async(
                 return_exceptions=True
             )
-            replicas[kind] = [d for d in described if isinstance(d, dict)]
-            for d in replicas[kind]:
-                for name, count in d.get("activations", {}).items():
+            # A replica that failed to answer is left out; the others still describe the pool.
+            answers = [d for d in described if isinstance(d, ReplicaDescription)]
+            replicas[kind] = [d.as_json() for d in answers]
+            for d in answers:
+                for name, count in d.activations.items():
                     activations[name] = activations.get(name, 0) + count
         sets = [
             {
@@ -82,7 +93,9 @@ class HotLoadCoordinator:
         ]
         return {"version": state.version, "sets": sets, "replicas": replicas}
 
-    async def load_set(self, path: str | None, upload: bytes | None, model: str | None) -> dict:
+    async def load_set(
+        self, path: str | None, upload: bytes | None, model: str | None
+    ) -> dict[str, Any]:
         if (path is None) == (upload is None):
             raise BadRequest("give exactly one of 'path' (inside the expert store) or an upload")
         directory = self._unpack(upload) if upload is not None else self._resolve(path)
@@ -92,26 +105,20 @@ class HotLoadCoordinator:
             raise ExpertLoadFailed(str(exc)) from None
         if meta.model_kind not in self.handles:
             raise BadRequest(f"no {meta.model_kind!r} model is served here")
-        op = {
-            "op_id": uuid.uuid4().hex,
-            "action": "load",
-            "name": meta.name,
-            "path": str(directory),
-            "kind": meta.model_kind,
-            "rank": meta.rank,
-        }
-        return await self._once(f"load:{meta.name}", op)
+        op = HotLoadOp.load(meta.name, meta.model_kind, str(directory), meta.rank)
+        return (await self._once(op)).as_json()
 
     async def retire_set(self, name: str) -> dict[str, Any]:
         state = await self._state()
         entry = next((e for e in state.sets if e.name == name), None)
         if entry is None:
             raise NotFound(f"expert set {name!r} is not loaded")
-        op = {"op_id": uuid.uuid4().hex, "action": "retire", "name": name, "kind": entry.model_kind}
-        return await self._once(f"retire:{name}", op)
+        return (await self._once(HotLoadOp.retire(name, entry.model_kind))).as_json()
 
-    async def _once(self, key: str, op: dict[str, Any]) -> dict[str, Any]:
-        """Concurrent identical operations share one in-flight run and its result."""
+    async def _once(self, op: HotLoadOp) -> HotLoadResult:
+        """Concurrent identical operations (same `op.key`) share one in-flight run and its
+        result."""
+        key = op.key
         running = self._inflight.get(key)
         if running is not None:
             return await asyncio.shield(running)
@@ -122,29 +129,29 @@ class HotLoadCoordinator:
         future.add_done_callback(lambda _: self._inflight.pop(key, None))
         return await asyncio.shield(future)
 
-    async def _run(self, op: dict[str, Any]) -> dict[str, Any]:
+    async def _run(self, op: HotLoadOp) -> HotLoadResult:
         started = time.perf_counter()
         result = "failed"
         try:
             state = await self._state()
-            if op["action"] == "load" and op["name"] in state.names():
-                raise ExpertConflict(f"expert set {op['name']!r} is already loaded")
-            handle = self.handles[op["kind"]]
+            if op.action == "load" and op.name in state.names():
+                raise ExpertConflict(f"expert set {op.name!r} is already loaded")
+            handle = self.handles[op.kind]
             prepared = await handle.broadcast("prepare", op).results_async(return_exceptions=True)
-            failures = [r for r in prepared if isinstance(r, BaseException)]
+            # Anything but a report (an exception, or a replica answering out of protocol)
+            # counts as a failed prepare: nothing is committed anywhere.
+            failures = [r for r in prepared if not isinstance(r, ReplicaReport)]
             if failures or not prepared:
-                await handle.broadcast("abort", op["op_id"]).results_async(return_exceptions=True)
+                await handle.broadcast("abort", op.op_id).results_async(return_exceptions=True)
                 reasons = sorted({_reason(f) for f in failures}) or ["no replica is running"]
                 raise ExpertLoadFailed(
-                    f"{op['action']} of {op['name']!r} failed on {len(failures)} of "
+                    f"{op.action} of {op.name!r} failed on {len(failures)} of "
                     f"{len(prepared)} replicas; nothing changed: {'; '.join(reasons)}"
                 )
-            if op["action"] == "load":
-                version = await self.registry.commit_load.remote(
-                    op["name"], op["kind"], op["path"], op["rank"]
-                )
+            if op.action == "load":
+                version = await self.registry.commit_load.remote(op.name, op.kind, op.path, op.rank)
             else:
-                version = await self.registry.commit_retire.remote(op["name"])
+                version = await self.registry.commit_retire.remote(op.name)
             # Replicas converge to the registry as it is after the commit (this operation
             # and any they missed) under its version. Other models' pools are unchanged but
             # adopt that version now rather than at their next reconcile.
@@ -153,18 +160,17 @@ class HotLoadCoordinator:
                 return_exceptions=True
             )
             for kind, other in self.handles.items():
-                if kind != op["kind"]:
+                if kind != op.kind:
                     await other.broadcast("sync", state).results_async(return_exceptions=True)
             result = "success"
-            return {
-                "action": op["action"],
-                "name": op["name"],
-                "version": version,
-                "replicas": [
-                    r if isinstance(r, dict) else {"status": "will reconcile", "error": _reason(r)}
-                    for r in committed
-                ],
-            }
+            return HotLoadResult(
+                op.action,
+                op.name,
+                version,
+                tuple(
+                    r if isinstance(r, ReplicaReport) else Unreached(_reason(r)) for r in committed
+                ),
+            )
         finally:
             if self.metrics is not None:
                 self.metrics.expert_load(time.perf_counter() - started, result)
@@ -199,7 +205,9 @@ class HotLoadCoordinator:
         return target
 
 
-def _reason(error: BaseException) -> str:
+def _reason(error: object) -> str:
     # Ray wraps replica exceptions; the innermost message is what the operator needs.
+    if not isinstance(error, BaseException):
+        return f"unexpected answer {type(error).__name__}"
     cause = getattr(error, "cause", None) or error
     return f"{type(cause).__name__}: {cause}".splitlines()[0][:300]

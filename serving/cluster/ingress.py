@@ -30,6 +30,7 @@ from mora_runtime.engine.params import SamplingParams
 from mora_runtime.engine.types import TokenEvent
 from serving.cluster.hotload import HotLoadCoordinator
 from serving.cluster.metrics import RayMetricsHook
+from serving.cluster.protocol import Refusal
 from serving.cluster.registry import registry_actor
 from serving.config import ServerConfig
 from serving.http.api import ApiSettings, create_app
@@ -62,6 +63,13 @@ def replica_lost(exc: BaseException) -> bool:
     if isinstance(exc, _NOT_LOST):
         return False
     return isinstance(exc, (RayError, *_SERVE_LOST))
+
+
+def refusal_error(refusal: Refusal) -> Overloaded | BadRequest:
+    """The HTTP error of a request a model replica refused on admission."""
+    if refusal.kind == "overloaded":
+        return Overloaded(refusal.message, retry_after=RETRY_AFTER_S)
+    return BadRequest(refusal.message)
 
 
 def lost_error(what: str) -> ServiceUnavailable:
@@ -118,15 +126,13 @@ class RayLMBackend:
     async def _generate_once(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, stream: bool
     ) -> AsyncIterator[TokenEvent]:
-        # Items are lists of events (LMServer.generate batches them) or one error dict.
+        # Items are lists of events (LMServer.generate batches them) or one Refusal.
         items = self.handle.generate.remote(request_id, prompt_ids, params, stream)
         finished = False
         try:
             async for item in items:
-                if isinstance(item, dict):
-                    if item.get("error") == "overloaded":
-                        raise Overloaded(item["message"], retry_after=RETRY_AFTER_S)
-                    raise BadRequest(item.get("message", "bad request"))
+                if isinstance(item, Refusal):
+                    raise refusal_error(item)
                 for event in item:
                     finished = event.finish_reason is not None
                     yield event

@@ -28,6 +28,14 @@ from mora_runtime.expert_sets.format import ExpertSet, ExpertSetError, base_fing
 from mora_runtime.expert_sets.store import load_expert_set
 from mora_runtime.experts.pool import ExpertPool
 from mora_runtime.experts.slots import PoolError, StagedSet
+from serving.cluster.protocol import (
+    HotLoadOp,
+    LoadedSet,
+    QuarantinedSet,
+    ReplicaDescription,
+    ReplicaReport,
+    ReplicaStatus,
+)
 from serving.cluster.registry import RegistryEntry, RegistryState
 
 logger = logging.getLogger(__name__)
@@ -107,21 +115,22 @@ class ReplicaPool:
         self.exclusive(mutate)
 
     # ---------------------------------------------------------------- protocol
-    async def prepare(self, op: dict[str, Any]) -> dict[str, Any]:
+    async def prepare(self, op: HotLoadOp) -> ReplicaReport:
         started = time.perf_counter()
         async with self._lock:
-            if op["action"] == "load":
-                if op["name"] in {e.name for e in self.pool.sets()}:
-                    raise ExpertSetError(f"set {op['name']!r} is already loaded on this replica")
-                staged = await self._stage(op["path"], op["name"])
+            if op.action == "load":
+                assert op.path is not None  # HotLoadOp checks that a load names its path
+                if op.name in {e.name for e in self.pool.sets()}:
+                    raise ExpertSetError(f"set {op.name!r} is already loaded on this replica")
+                staged = await self._stage(op.path, op.name)
                 # Grow the slot buffers now, outside any forward pass and before the commit.
                 await asyncio.to_thread(self.exclusive, lambda: self.pool.reserve(staged.rank))
-                self._staged[op["op_id"]] = staged
+                self._staged[op.op_id] = staged
             # A retire needs nothing staged: the coordinator checked that the registry holds
             # the set, and a replica that quarantined it has nothing to remove.
         return self._report("prepared", started)
 
-    async def commit(self, op: dict[str, Any], state: RegistryState) -> dict[str, Any]:
+    async def commit(self, op: HotLoadOp, state: RegistryState) -> ReplicaReport:
         """The registry committed `op`; `state` is the registry read after that commit.
 
         Converging to the whole state, rather than applying `op` alone, is what keeps one
@@ -129,17 +138,17 @@ class ReplicaPool:
         step instead of naming a pool it does not hold.
         """
         started = time.perf_counter()
-        staged = self._staged.pop(op.get("op_id", ""), None)
+        staged = self._staged.pop(op.op_id, None)
         await self.reconcile(state, staged=[staged] if staged is not None else [])
         return self._report("committed", started)
 
-    async def sync(self, state: RegistryState) -> dict[str, Any]:
+    async def sync(self, state: RegistryState) -> ReplicaReport:
         """Another model's pool changed: adopt the registry's new version."""
         started = time.perf_counter()
         await self.reconcile(state)
         return self._report("synced", started)
 
-    async def abort(self, op_id: str) -> dict[str, Any]:
+    async def abort(self, op_id: str) -> ReplicaReport:
         self._staged.pop(op_id, None)
         return self._report("aborted", time.perf_counter())
 
@@ -159,6 +168,11 @@ class ReplicaPool:
                 return False
             ready = {s.name: s for s in staged}
             wanted = state.for_kind(self.model_kind)
+            # A set staged for an operation whose commit never reached this replica is in
+            # the registry by now and is read again below: drop the stale staged copy, or
+            # its tensors would stay in memory for good.
+            committed = {e.name for e in wanted}
+            self._staged = {k: s for k, s in self._staged.items() if s.name not in committed}
             self.quarantined = {e: why for e, why in self.quarantined.items() if e in wanted}
             have = {e.name for e in self.pool.sets()}
             retire = sorted(have - {e.name for e in wanted})
@@ -184,25 +198,25 @@ class ReplicaPool:
             logger.info("replica %s now at version %d", self.replica_id, self.pool.version)
             return True
 
-    def _report(self, status: str, started: float) -> dict[str, Any]:
-        return {
-            "replica": self.replica_id,
-            "status": status,
-            "pool_version": self.pool.version,
-            "experts": self.pool.num_experts,
-            "seconds": round(time.perf_counter() - started, 4),
-        }
+    def _report(self, status: ReplicaStatus, started: float) -> ReplicaReport:
+        return ReplicaReport(
+            replica=self.replica_id,
+            status=status,
+            pool_version=self.pool.version,
+            experts=self.pool.num_experts,
+            seconds=round(time.perf_counter() - started, 4),
+        )
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            "replica": self.replica_id,
-            "pool_version": self.pool.version,
-            "sets": [
-                {"name": e.name, "rank": e.rank, "slots": [e.slot_start, e.slot_start + e.rank]}
+    def describe(self) -> ReplicaDescription:
+        return ReplicaDescription(
+            replica=self.replica_id,
+            pool_version=self.pool.version,
+            sets=tuple(
+                LoadedSet(e.name, e.rank, e.slot_start, e.slot_start + e.rank)
                 for e in self.pool.sets()
-            ],
-            "quarantined": [
-                {"name": e.name, "version_added": e.version_added, "reason": why}
-                for e, why in self.quarantined.items()
-            ],
-        }
+            ),
+            quarantined=tuple(
+                QuarantinedSet(e.name, e.version_added, why) for e, why in self.quarantined.items()
+            ),
+            activations=dict(self.activations),
+        )

@@ -14,6 +14,7 @@ import torch
 
 from mora_runtime.expert_sets.format import ExpertSetError
 from mora_runtime.experts.patching import patch_model
+from serving.cluster.protocol import HotLoadOp
 from serving.cluster.registry import Registry, RegistryEntry, RegistryState
 from serving.cluster.replica_pool import ReplicaPool
 from tests.conftest import build_tiny_llama
@@ -47,9 +48,9 @@ def state(version: int, *entries: RegistryEntry) -> RegistryState:
     return RegistryState(version, tuple(entries))
 
 
-def load_op(store: Path, name: str) -> dict[str, Any]:
+def load_op(store: Path, name: str) -> HotLoadOp:
     """What the coordinator broadcasts for a load."""
-    return {"op_id": f"op-{name}", "action": "load", "name": name, "path": str(store / name)}
+    return HotLoadOp(f"op-{name}", "load", name, "causal_lm", path=str(store / name), rank=4)
 
 
 def names(replica: ReplicaPool) -> list[str]:
@@ -74,7 +75,10 @@ def test_one_version_names_one_pool_whatever_path_a_replica_took(store: Path) ->
     run(late.reconcile(state(76, b, c)))
     for replica in (follower, missed, late):
         assert (replica.pool.version, names(replica)) == (76, ["set-b", "set-c"])
-        assert replica.describe()["pool_version"] == 76
+        assert replica.describe().pool_version == 76
+        described = replica.describe().as_json()  # the JSON of GET /v1/experts, per replica
+        assert [s["name"] for s in described["sets"]] == ["set-b", "set-c"]
+        assert all(s["slots"][1] - s["slots"][0] == s["rank"] > 0 for s in described["sets"])
 
 
 def test_a_replica_that_missed_a_commit_never_claims_the_next_version_without_it(
@@ -103,11 +107,24 @@ def test_commit_after_reconcile_is_a_no_op_not_an_error(store: Path) -> None:
     run(replica.prepare(op))
     run(replica.reconcile(state(5, entry(store, "set-a", 5))))  # got there first
     report = run(replica.commit(op, state(5, entry(store, "set-a", 5))))
-    assert report["pool_version"] == 5 and names(replica) == ["set-a"]
+    assert report.pool_version == 5 and names(replica) == ["set-a"]
+    assert (report.status, report.replica) == ("committed", replica.replica_id)
     assert replica._staged == {}
     # and a late, older state never moves the pool back
     run(replica.sync(state(4)))
     assert replica.pool.version == 5 and names(replica) == ["set-a"]
+
+
+def test_a_set_staged_for_a_commit_that_never_arrived_is_dropped_at_reconcile(
+    store: Path,
+) -> None:
+    replica = new_replica(store)
+    run(replica.prepare(load_op(store, "set-a")))
+    assert list(replica._staged) == ["op-set-a"]
+    run(replica.reconcile(state(1)))  # another change: the set is not committed yet, keep it
+    assert list(replica._staged) == ["op-set-a"]
+    run(replica.reconcile(state(2, entry(store, "set-a", 2))))  # committed; the call was lost
+    assert replica._staged == {} and names(replica) == ["set-a"]
 
 
 def test_an_older_registry_state_is_never_applied(store: Path) -> None:
@@ -135,15 +152,16 @@ def test_an_entry_that_cannot_be_applied_is_quarantined_and_the_rest_served(
     assert run(replica.reconcile(registry_state)) is True  # no exception: the replica starts
     assert names(replica) == ["set-a", "set-c"]
     assert replica.pool.version == 3
-    described = replica.describe()["quarantined"]
-    assert [q["name"] for q in described] == ["set-b"] and described[0]["reason"]
+    described = replica.describe().quarantined
+    assert [q.name for q in described] == ["set-b"] and described[0].reason
+    assert described[0].version_added == 2
     # skipped on later rounds (not re-read every few seconds)...
     assert run(replica.reconcile(registry_state)) is False
     # ...and retiring it works although it is not loaded here
-    retire = {"op_id": "r", "action": "retire", "name": "set-b"}
+    retire = HotLoadOp("r", "retire", "set-b", "causal_lm")
     run(replica.prepare(retire))
     run(replica.commit(retire, state(4, entry(store, "set-a", 1), entry(store, "set-c", 3))))
-    assert replica.describe()["quarantined"] == [] and replica.pool.version == 4
+    assert replica.describe().quarantined == () and replica.pool.version == 4
     assert names(replica) == ["set-a", "set-c"]
 
 

@@ -14,7 +14,8 @@ from ray import exceptions as ray_exceptions
 from ray.exceptions import ActorDiedError
 
 from serving.cluster import ingress
-from serving.http.errors import ServiceUnavailable
+from serving.cluster.protocol import Refusal
+from serving.http.errors import ApiError, ServiceUnavailable
 from tests.serving import fakes
 
 
@@ -99,6 +100,35 @@ def test_started_request_gets_a_retryable_503() -> None:
     assert handle.calls == 1  # never replayed: the client already holds output
     assert info.value.status == 503 and info.value.headers.get("Retry-After")
     assert info.value.body()["error"]["code"] == "server_unavailable"
+
+
+class RefusingHandle(FakeHandle):
+    """The replica refuses the request on admission: one Refusal item, no events."""
+
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__([None])
+        self.refusal = refusal
+
+    def remote(self, *args: Any) -> Any:
+        self.calls += 1
+        return FakeStream([self.refusal], None)
+
+
+@pytest.mark.parametrize(
+    ("kind", "status", "code"), [("overloaded", 503, "overloaded"), ("bad_request", 400, None)]
+)
+def test_a_refusal_is_its_http_error_and_is_not_retried(
+    kind: Any, status: int, code: str | None
+) -> None:
+    handle = RefusingHandle(Refusal(kind, f"refused: {kind}"))
+    with pytest.raises(ApiError) as info:
+        run_generate(handle)
+    assert handle.calls == 1  # the request's own answer: never sent elsewhere
+    body = info.value.body()["error"]
+    assert info.value.status == status and body["message"] == f"refused: {kind}"
+    assert (info.value.headers.get("Retry-After") is not None) == (kind == "overloaded")
+    if code is not None:
+        assert body["code"] == code
 
 
 def test_retries_are_bounded() -> None:
