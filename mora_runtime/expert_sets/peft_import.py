@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from mora_runtime.expert_sets import format as set_format
+from mora_runtime.expert_sets import fingerprint as fingerprints
 from mora_runtime.expert_sets import store
 from mora_runtime.expert_sets.format import (
     FLOAT_DTYPES,
@@ -181,7 +181,7 @@ def peft_to_expert_set(
 ) -> ExpertSet:
     """Build (and validate) the expert set of a PEFT LoRA adapter in memory.
 
-    Give exactly one of `base_fingerprint` (from `format.base_fingerprint` over the adapter's
+    Give exactly one of `base_fingerprint` (from `fingerprint.base_fingerprint` over the adapter's
     modules) or `base_model` (the unwrapped HF model the adapter was trained on). Routing
     settings left as None take `ROUTING_DEFAULTS[model_kind]` (mora_runtime/experts/defaults.py).
     A CLIP adapter may name its `class_names` and their `prompt_template` (None: the
@@ -232,7 +232,7 @@ def peft_to_expert_set(
 
     if base_model is not None:
         shapes = {module: _module_shape(base_model, module) for module in sorted(lora)}
-        fingerprint: Mapping[str, Any] = set_format.base_fingerprint(base_model, shapes)
+        fingerprint: Mapping[str, Any] = fingerprints.base_fingerprint(base_model, shapes)
     else:
         fingerprint = base_fingerprint or {}
     missing = sorted(set(lora) - set(fingerprint.get("modules", {})))

@@ -28,6 +28,7 @@ from safetensors.torch import save as serialize_tensors
 from torch import Tensor
 
 # Re-exported: callers use the store as the one entry point to expert sets.
+from mora_runtime.expert_sets.fingerprint import fingerprint_difference
 from mora_runtime.expert_sets.format import (
     DEFAULT_SERVING_DTYPE,
     FLOAT_DTYPES,
@@ -52,7 +53,6 @@ from mora_runtime.expert_sets.format import (
     TensorSetError,
     UnsafeFileError,
     _check_finite,
-    _fingerprint_difference,
 )
 
 logger = logging.getLogger(__name__)
@@ -338,7 +338,7 @@ def load_expert_set(
         expected = (
             expected_fingerprint(meta) if callable(expected_fingerprint) else expected_fingerprint
         )
-        difference = _fingerprint_difference(expected, meta.base_model)
+        difference = fingerprint_difference(expected, meta.base_model)
         if difference is not None:
             raise FingerprintMismatchError(
                 f"{directory}: set {meta.name!r} was made for another base model: {difference}"

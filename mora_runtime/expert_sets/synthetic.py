@@ -20,12 +20,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from mora_runtime.expert_sets.format import (
-    ExpertSet,
-    ExpertSetMeta,
-    ModuleShapes,
-    base_fingerprint,
-)
+from mora_runtime.expert_sets.fingerprint import base_fingerprint
+from mora_runtime.expert_sets.format import ExpertSet, ExpertSetMeta, ModuleShapes
 from mora_runtime.expert_sets.store import save_expert_set
 from mora_runtime.experts.defaults import ROUTING_DEFAULTS
 from mora_runtime.experts.patching import find_target_modules

@@ -25,12 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mora_runtime.expert_sets.format import (
-    ExpertSet,
-    ExpertSetError,
-    ExpertSetMeta,
-    base_fingerprint,
-)
+from mora_runtime.expert_sets.fingerprint import base_fingerprint
+from mora_runtime.expert_sets.format import ExpertSet, ExpertSetError, ExpertSetMeta
 from mora_runtime.expert_sets.store import load_expert_set
 from mora_runtime.experts.backends.trainable import trainable_experts
 from mora_runtime.experts.context import ForwardContext, forward_context

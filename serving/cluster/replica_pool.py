@@ -24,7 +24,8 @@ from collections.abc import Callable
 from typing import Any
 
 from mora_runtime.cpu.openmp import in_fresh_thread
-from mora_runtime.expert_sets.format import ExpertSet, ExpertSetError, base_fingerprint
+from mora_runtime.expert_sets.fingerprint import base_fingerprint
+from mora_runtime.expert_sets.format import ExpertSet, ExpertSetError
 from mora_runtime.expert_sets.store import load_expert_set
 from mora_runtime.experts.pool import ExpertPool
 from mora_runtime.experts.slots import PoolError, StagedSet

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mora_runtime.expert_sets import format as set_format
+from mora_runtime.expert_sets import fingerprint as fingerprints
 from mora_runtime.expert_sets import store
 from mora_runtime.expert_sets.format import MissingFileError, ShapeError, UnsafeFileError
 from mora_runtime.expert_sets.peft_import import (
@@ -112,7 +112,7 @@ def test_converted_experts_reproduce_the_lora_delta(case: str, tmp_path: Path) -
 
     layers = lora_layers(peft_model)
     shapes = {path: in_out(layer.get_base_layer()) for path, layer in layers.items()}
-    expected = set_format.base_fingerprint(base, shapes)
+    expected = fingerprints.base_fingerprint(base, shapes)
     loaded = store.load_expert_set(out, expected_fingerprint=expected, expected_kind="causal_lm")
     meta = loaded.meta
     assert meta.rank == lora["r"] and meta.target_modules == tuple(sorted(layers))
@@ -159,14 +159,14 @@ def test_fingerprint_may_be_given_instead_of_the_model(tmp_path: Path) -> None:
     shapes = {
         n: (m.in_features, m.out_features) for n, m in base.named_modules() if n.endswith("q_proj")
     }
-    fingerprint = set_format.base_fingerprint(base, shapes)
+    fingerprint = fingerprints.base_fingerprint(base, shapes)
     out = convert_peft_adapter(adapter_dir, tmp_path / "s", name="s", base_fingerprint=fingerprint)
     assert (
         store.load_expert_set(out, expected_fingerprint=fingerprint).meta.base_model == fingerprint
     )
     with pytest.raises(ValueError, match="exactly one"):
         convert_peft_adapter(adapter_dir, tmp_path / "t", name="t")
-    wrong = set_format.base_fingerprint(base, {p: (64, 32) for p in shapes})
+    wrong = fingerprints.base_fingerprint(base, {p: (64, 32) for p in shapes})
     with pytest.raises(ShapeError, match="q_proj"):
         convert_peft_adapter(adapter_dir, tmp_path / "u", name="u", base_fingerprint=wrong)
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from mora_runtime.expert_sets import fingerprint as fingerprints
 from mora_runtime.expert_sets import format as set_format
 from mora_runtime.expert_sets import store
 from mora_runtime.expert_sets.format import (
@@ -69,7 +70,7 @@ def make_set(
     meta = ExpertSetMeta(
         name=name,
         model_kind="causal_lm",
-        base_model=set_format.base_fingerprint(model, shapes),
+        base_model=fingerprints.base_fingerprint(model, shapes),
         target_modules=tuple(shapes),
         rank=RANK,
         top_k=8,
@@ -116,7 +117,7 @@ def test_save_load_round_trips_bit_for_bit(model: torch.nn.Module, tmp_path: Pat
     assert sorted(os.listdir(directory)) == sorted(
         [set_format.METADATA_FILE, set_format.TENSORS_FILE]
     )
-    fingerprint = set_format.base_fingerprint(model, linear_shapes(model))
+    fingerprint = fingerprints.base_fingerprint(model, linear_shapes(model))
     loaded = store.load_expert_set(
         directory, expected_fingerprint=fingerprint, expected_kind="causal_lm", store_root=tmp_path
     )
@@ -213,15 +214,19 @@ def test_save_validates_before_writing(model: torch.nn.Module, tmp_path: Path) -
 
 def test_fingerprint_identifies_the_checkpoint(model: torch.nn.Module) -> None:
     shapes = linear_shapes(model)
-    fp = set_format.base_fingerprint(model, shapes)
+    fp = fingerprints.base_fingerprint(model, shapes)
     assert fp["architecture"] == "LlamaForCausalLM" and fp["model_type"] == "llama"
     assert fp["modules"] == {p: list(s) for p, s in sorted(shapes.items())}
-    assert set_format.base_fingerprint(tiny_llama(seed=0), shapes) == fp  # same weights, same hash
-    assert set_format.base_fingerprint(tiny_llama(seed=1), shapes)["hash"] != fp["hash"]
+    assert (
+        fingerprints.base_fingerprint(tiny_llama(seed=0), shapes) == fp
+    )  # same weights, same hash
+    assert fingerprints.base_fingerprint(tiny_llama(seed=1), shapes)["hash"] != fp["hash"]
     subset = dict(list(shapes.items())[:1])
-    assert set_format.base_fingerprint(model, subset)["hash"] != fp["hash"]
+    assert fingerprints.base_fingerprint(model, subset)["hash"] != fp["hash"]
     # A bf16 copy of the same checkpoint matches: serving in bf16 must accept fp32-made sets.
-    assert set_format.base_fingerprint(tiny_llama(seed=0).bfloat16(), shapes)["hash"] == fp["hash"]
+    assert (
+        fingerprints.base_fingerprint(tiny_llama(seed=0).bfloat16(), shapes)["hash"] == fp["hash"]
+    )
 
 
 # --- one rejection per kind of bad set ----------------------------------------------------
@@ -486,7 +491,7 @@ def test_the_good_set_itself_loads(good: tuple[ExpertSet, Path]) -> None:
 )
 def test_fingerprint_of_another_model_is_rejected(good: tuple[ExpertSet, Path], other) -> None:
     other_model = other()
-    expected = set_format.base_fingerprint(other_model, linear_shapes(other_model))
+    expected = fingerprints.base_fingerprint(other_model, linear_shapes(other_model))
     with pytest.raises(FingerprintMismatchError) as info:
         store.load_expert_set(good[1], expected_fingerprint=expected)
     if expected["modules"] != good[0].meta.base_model["modules"]:
@@ -506,14 +511,14 @@ def test_expected_fingerprint_may_depend_on_the_set(
     }
 
     def expected(meta: ExpertSetMeta) -> dict[str, Any]:
-        return set_format.base_fingerprint(
+        return fingerprints.base_fingerprint(
             model, {p: all_shapes[p] for p in meta.base_model["modules"]}
         )
 
     store.load_expert_set(good[1], expected_fingerprint=expected)
     with pytest.raises(FingerprintMismatchError, match="different module sets"):
         store.load_expert_set(
-            good[1], expected_fingerprint=set_format.base_fingerprint(model, all_shapes)
+            good[1], expected_fingerprint=fingerprints.base_fingerprint(model, all_shapes)
         )
 
 

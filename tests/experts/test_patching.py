@@ -276,7 +276,7 @@ def test_partial_set_is_absent_from_layers_it_skips():
 
 
 def test_fingerprint_is_the_same_patched_or_not():
-    from mora_runtime.expert_sets.format import base_fingerprint
+    from mora_runtime.expert_sets.fingerprint import base_fingerprint
 
     model = build(tiny_llama)
     modules = find_target_modules(model)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mora_runtime.expert_sets.format import base_fingerprint
+from mora_runtime.expert_sets.fingerprint import base_fingerprint
 from mora_runtime.expert_sets.store import load_expert_set, save_expert_set
 from mora_runtime.experts.backends.trainable import installed
 from mora_runtime.experts.patching import find_target_modules, patch_model

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mora_runtime.expert_sets.format import ExpertSet, ExpertSetMeta, base_fingerprint
+from mora_runtime.expert_sets.fingerprint import base_fingerprint
+from mora_runtime.expert_sets.format import ExpertSet, ExpertSetMeta
 from mora_runtime.expert_sets.store import load_expert_set, save_expert_set
 from mora_runtime.experts.pool import ExpertPool
 from mora_runtime.experts.slots import ExpertSetEntry, RoutingConfig

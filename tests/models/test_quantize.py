@@ -10,7 +10,7 @@ from torch import nn
 
 from mora_runtime.engine.core import Engine
 from mora_runtime.engine.params import SamplingParams
-from mora_runtime.expert_sets.format import base_fingerprint
+from mora_runtime.expert_sets.fingerprint import base_fingerprint
 from mora_runtime.experts.patching import find_target_modules, patch_model
 from mora_runtime.models.lm import load_causal_lm, resolve_weights
 from mora_runtime.models.materialize import MARKER_FILENAME

@@ -87,7 +87,7 @@ def random_sets(store: Path, model_dir: Path, *argv: str) -> int:
 def test_random_writes_sets_the_model_accepts(tiny_llama_dir: Path, tmp_path: Path, capsys) -> None:
     import torch
 
-    from mora_runtime.expert_sets.format import base_fingerprint
+    from mora_runtime.expert_sets.fingerprint import base_fingerprint
     from mora_runtime.expert_sets.store import load_expert_set
     from mora_runtime.experts.patching import find_target_modules
     from mora_runtime.models.lm import load_causal_lm

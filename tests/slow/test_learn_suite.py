@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from mora_runtime.expert_sets.format import base_fingerprint
+from mora_runtime.expert_sets.fingerprint import base_fingerprint
 from mora_runtime.expert_sets.store import load_expert_set
 from mora_runtime.experts.patching import find_target_modules
 from mora_runtime.learn.evaluate import METHODS, SUITE_DEFAULTS, EvalOptions, run_suite
