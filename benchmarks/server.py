@@ -14,8 +14,8 @@ q/k/v/o are hot-loaded through POST /v1/experts and concurrency 16 runs again. T
 (empty pool, loaded pool, back to back) is measured `--cycles` times, alternate pairs in the
 other order (loaded, then the sets retired through DELETE /v1/experts, then empty; retired
 slots are reused, so every loaded run scores the same 160 slots per layer), and the pool's
-ratio is the median of the pairs' ratios: this machine's speed drifts by 20-30% within
-minutes, more than the pool costs, and pairs measured close together cancel most of that
+ratio is the median of the pairs' ratios: a shared machine's speed drifts within minutes by
+more than the pool costs, and pairs measured close together cancel most of that
 drift. Last, a server with the prefix
 cache off does the same (the prompts cycle through 8 chat questions, so with the cache later
 requests reuse their whole question's blocks, and every request the chat template's first
@@ -28,7 +28,7 @@ pool is a new pool version, and cached blocks belong to one version).
 
 The server is started with `serving.cluster.launcher.start` on free ports with CLIP off; torch in
 the LM replica uses as many threads as the in-process baselines (`lm.torch_threads`).
-Ratios compare runs of this one process: timings on this machine drift by up to 2x.
+Ratios compare runs of this one process: timings drift too much between runs to compare them.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from mora_runtime.models.lm import load_causal_lm
 
 RANK = 16
 RESULTS = HERE / "results" / "serving.md"
-REQUESTS_PER_CLIENT = 4  # per closed-loop client and run: ~30 s at concurrency 16
+REQUESTS_PER_CLIENT = 4  # per closed-loop client and run
 
 
 def unshadow_serving() -> None:
@@ -183,7 +183,7 @@ def main() -> None:
     parser.add_argument(
         "--cycles",
         type=int,
-        default=6,  # single pairs spread over 0.6-1.15x on the 2-core VM; 6 steady the median
+        default=6,  # single pairs spread widely on a shared machine; several steady the median
         help="empty / loaded pool pairs at concurrency 16 (alternating order)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS)

@@ -154,7 +154,7 @@ def write_outputs(result: RunResult, out_dir: Path, *, plots: bool = True) -> di
     with open(out_dir / "requests.jsonl", "w") as fh:
         for record in result.records:
             fh.write(json.dumps(_clean(record.to_json())) + "\n")
-    if result.scrape_after is not None:  # Ray's own series would make these ~1 MB each
+    if result.scrape_after is not None:  # Ray's own series would swamp these files
         (out_dir / "metrics_before.prom").write_text(mora_lines(result.scrape_before))
         (out_dir / "metrics_after.prom").write_text(mora_lines(result.scrape_after))
     summary["files"] = ["summary.json", "requests.jsonl"]

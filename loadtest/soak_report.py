@@ -21,7 +21,7 @@ SCHEMA = "mora-loadtest-soak/1"
 MB = 1e6
 FORMULAS = {
     "rss": "resident set size of each replica process (/proc/self/statm, the replica's "
-    "mora_replica_rss_bytes gauge, refreshed every ~2 s), scraped every sample_every_s",
+    "mora_replica_rss_bytes gauge, refreshed every few seconds), scraped every sample_every_s",
     "slope": "least-squares slope of RSS (MB = 1e6 bytes) against time (minutes) over the "
     "samples taken at or after fit_from_s = duration_s / 2",
     "storm": "a storm stream is 'dropped' when the client closes the connection after the "

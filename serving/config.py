@@ -108,7 +108,7 @@ class ServerConfig(_Strict):
     port: int = 8000
     metrics_port: int = 8080
     # The ingress only parses HTTP and awaits handles: a fraction of a CPU, so that
-    # ingress + LM + CLIP fit a 2-core machine with the defaults.
+    # ingress + LM + CLIP fit a small machine with the defaults.
     ingress_num_cpus: float = Field(0.25, ge=0)
     expert_store: str = "experts"
     admin_token: str | None = None  # else $MORA_ADMIN_TOKEN

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -37,6 +36,7 @@ from mora_runtime.learn.clip_build import (
     save_clip_dir,
     vocabulary,
 )
+from mora_runtime.learn.trainer import auto_threads
 from mora_runtime.models.clip_loading import pixel_values, text_inputs
 from mora_runtime.models.materialize import materialize, read_marker
 from mora_runtime.paths import default_clip_dir
@@ -110,20 +110,6 @@ def _contrastive_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return (image_to_text + text_to_image) / 2
 
 
-def _training_threads() -> int:
-    """Intra-op threads for training: the cores that other processes leave free.
-
-    OpenMP threads that share a core with another busy process spin at every barrier, so a
-    thread on a busy core slows every step down far more than it adds.
-    """
-    cores = torch.get_num_threads()
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:  # not available on this platform
-        return cores
-    return max(1, cores - round(busy))
-
-
 def _lr_factor(step: int, recipe: ClipRecipe) -> float:
     warmup = max(1, int(recipe.steps * recipe.warmup_fraction))
     if step < warmup:
@@ -159,7 +145,7 @@ def train_base(
     words = [w for w in vocabulary() if w.isalpha()]
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(_training_threads())
+    torch.set_num_threads(auto_threads())
     logger.info(
         "Training the default CLIP: %d images of %s, %d steps of %d, %d thread(s)",
         len(labels),
