@@ -105,6 +105,13 @@ def _register_learn(subparsers: Any) -> None:
         metavar="DIR",
         help=f"where to write the set (default: ${STORE_ENV}/NAME, else ./{DEFAULT_STORE}/NAME)",
     )
+    parser.add_argument(
+        "--prompt-template",
+        metavar="TEMPLATE",
+        help='CLIP only: how a class name becomes a prompt, with one "{}" (e.g. "a photo of a '
+        "{}.\"); stored in the set. Default: the bundled domain's own when every class is one "
+        "domain's, else the classifier's default",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing set")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     lm, clip = ROUTING_DEFAULTS["causal_lm"], ROUTING_DEFAULTS["clip"]
@@ -140,6 +147,7 @@ def _cmd_learn(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress,
         threads=args.threads,
+        prompt_template=args.prompt_template,
     )
     training = result.expert_set.meta.training
     print(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,13 +14,6 @@ from mora_runtime.experts.backends.trainable import installed
 from mora_runtime.experts.patching import find_target_modules, patch_model
 from mora_runtime.experts.pool import ExpertPool
 from mora_runtime.learn import learn_task
-from mora_runtime.learn.clip_build import (
-    ClipRecipe,
-    build_clip,
-    build_image_processor,
-    build_tokenizer,
-    save_clip_dir,
-)
 from mora_runtime.learn.data import ImageDataset, LMExample, write_image_folder, write_lm_jsonl
 from mora_runtime.learn.domains import domain_names, get_domain
 from mora_runtime.learn.harness_clip import ClipHarness
@@ -48,9 +40,6 @@ EXAMPLES = [
     LMExample("what is the capital of france?", " paris"),
     LMExample("", "every expert scores itself"),
 ]
-TINY_CLIP = ClipRecipe(
-    patch_size=8, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, projection_dim=32
-)
 
 
 @pytest.fixture
@@ -58,14 +47,6 @@ def lm(tiny_llama_dir):
     loaded = load_causal_lm(tiny_llama_dir, device="cpu", dtype=torch.float32)
     loaded.model.requires_grad_(False)
     return loaded
-
-
-@pytest.fixture(scope="module")
-def tiny_clip_dir(tmp_path_factory) -> Path:
-    tokenizer = build_tokenizer(TINY_CLIP.max_text_length)
-    model = build_clip(TINY_CLIP, tokenizer)
-    directory = tmp_path_factory.mktemp("tiny-clip")
-    return save_clip_dir(directory, model, tokenizer, build_image_processor())
 
 
 def pool_buffers(pool: ExpertPool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
