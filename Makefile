@@ -31,7 +31,9 @@ setup: $(VENV)/.installed
 models: setup
 	$(BIN)/mora models prepare
 
-run: models
+# `mora serve` prepares what it serves: the LM first, the default CLIP in the background
+# (/classify answers 503, warming up, until it is ready), so completions serve sooner.
+run: setup
 	$(BIN)/mora serve
 
 test: models

@@ -109,6 +109,12 @@ def _register_models(subparsers: Any) -> None:
         "prepare", help="materialise the default models into the cache (idempotent)"
     )
     prepare.add_argument("--force", action="store_true", help="rebuild even if already prepared")
+    prepare.add_argument(
+        "--only",
+        choices=("lm", "clip"),
+        help="prepare only what this model needs: lm = the CPU kernels and the default LM, "
+        "clip = the default CLIP alone (what `mora serve` runs in the background)",
+    )
     prepare.set_defaults(handler=_cmd_models_prepare)
 
     path = actions.add_parser("path", help="print the cache directory of a default model")
@@ -117,23 +123,16 @@ def _register_models(subparsers: Any) -> None:
 
 
 def prepare_models(
-    force: bool = False, *, lm: bool = True, clip: bool = True
+    force: bool = False, *, lm: bool = True, clip: bool = True, kernels: bool = True
 ) -> dict[str, Path | None]:
-    """Prepare the default models asked for (and the CPU kernels); returns `{name: dir}`."""
-    from mora_runtime.cpu import build as cpu_kernels
+    """Prepare the CPU kernels (unless `kernels=False`) and the default models asked for;
+    returns `{name: dir}`."""
     from mora_runtime.learn.pretrain_clip import prepare_default_clip
     from mora_runtime.models.lm import default_lm_is_prepared, prepare_default_lm
 
     prepared: dict[str, Path | None] = {}
-    print("CPU kernels (MoRA layer, int4, attention): building once (about a minute) ...")
-    start = time.perf_counter()
-    if cpu_kernels.kernels() is not None:
-        state = "ready"
-    elif cpu_kernels.layer_kernels() is not None:
-        state = "MoRA layer call only on this CPU: float weights, torch attention"
-    else:
-        state = "none for this machine: torch ops serve"
-    print(f"CPU kernels: {state} ({time.perf_counter() - start:.1f} s)", flush=True)
+    if kernels:
+        _prepare_kernels()
     if lm:
         if force or not default_lm_is_prepared():
             print(
@@ -152,8 +151,28 @@ def prepare_models(
     return prepared
 
 
+def _prepare_kernels() -> None:
+    from mora_runtime.cpu import build as cpu_kernels
+
+    print("CPU kernels (MoRA layer, int4, attention): loading (built once, about a minute) ...")
+    start = time.perf_counter()
+    if cpu_kernels.kernels() is not None:
+        state = "ready"
+    elif cpu_kernels.layer_kernels() is not None:
+        state = "MoRA layer call only on this CPU: float weights, torch attention"
+    else:
+        state = "none for this machine: torch ops serve"
+    print(f"CPU kernels: {state} ({time.perf_counter() - start:.1f} s)", flush=True)
+
+
 def _cmd_models_prepare(args: argparse.Namespace) -> int:
-    prepare_models(force=args.force)
+    # The CLIP alone needs no kernels: its preparation trains a plain CLIP.
+    prepare_models(
+        force=args.force,
+        lm=args.only in (None, "lm"),
+        clip=args.only in (None, "clip"),
+        kernels=args.only in (None, "lm"),
+    )
     return 0
 
 

@@ -13,6 +13,7 @@ import os
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -33,6 +34,10 @@ from serving.http.backend import ClassifyResult
 logger = logging.getLogger(__name__)
 
 RECONCILE_INTERVAL_S = 2.0  # also refreshes gauges (Ray drops a gauge not set for ~20 s)
+# A warming CLIP replica looks for its model directory this often, and says it still waits
+# in its log every WARM_REMINDER_POLLS looks (a mistyped model_dir shows up there).
+WARM_POLL_S = 1.0
+WARM_REMINDER_POLLS = 60
 
 
 def _set_torch_threads(threads: int) -> None:
@@ -51,6 +56,10 @@ class _ReplicaBase:
 
     model_name: str
     replica: ReplicaPool
+    # Set while the replica's model is not loaded yet (ClipServer): every call is answered
+    # with it, hot-load steps included, and the replica catches up with the registry in
+    # `_start_sync` once it has loaded.
+    warming: Refusal | None = None
 
     async def _start_sync(self, store: str) -> None:
         self.registry = registry_actor(store)
@@ -71,24 +80,38 @@ class _ReplicaBase:
         server_metrics().set_pool(self.model_name, pool.num_experts, pool.version)
         server_metrics().set_rss(self.model_name)
 
+    async def is_ready(self) -> bool:
+        """Whether the model is loaded and serving (the ingress's /health asks)."""
+        return self.warming is None
+
     # hot-load protocol, called by the ingress through handle.broadcast
-    async def prepare(self, op: HotLoadOp) -> ReplicaReport:
+    async def prepare(self, op: HotLoadOp) -> ReplicaReport | Refusal:
+        if self.warming is not None:
+            return self.warming
         return await self.replica.prepare(op)
 
-    async def commit(self, op: HotLoadOp, state: RegistryState) -> ReplicaReport:
+    async def commit(self, op: HotLoadOp, state: RegistryState) -> ReplicaReport | Refusal:
+        if self.warming is not None:
+            return self.warming
         result = await self.replica.commit(op, state)
         self._refresh_gauges()
         return result
 
-    async def abort(self, op_id: str) -> ReplicaReport:
+    async def abort(self, op_id: str) -> ReplicaReport | Refusal:
+        if self.warming is not None:
+            return self.warming
         return await self.replica.abort(op_id)
 
-    async def sync(self, state: RegistryState) -> ReplicaReport:
+    async def sync(self, state: RegistryState) -> ReplicaReport | Refusal:
+        if self.warming is not None:
+            return self.warming
         result = await self.replica.sync(state)
         self._refresh_gauges()
         return result
 
-    async def describe_pool(self) -> ReplicaDescription:
+    async def describe_pool(self) -> ReplicaDescription | Refusal:
+        if self.warming is not None:
+            return self.warming
         # The node lets an operator (and tests/integration/test_cluster.py) see where each
         # replica runs and which ones a lost node took with it.
         return replace(self.replica.describe(), node_id=ray.get_runtime_context().get_node_id())
@@ -216,16 +239,32 @@ class LMServer(_ReplicaBase):
             raise RuntimeError("the engine thread is not running")
 
 
+def clip_dir_ready(directory: Path) -> bool:
+    """Whether a CLIP directory is in place: `materialize` puts one there with a single
+    rename, config.json inside (docs/operations.md asks the same of a configured one)."""
+    return (directory / "config.json").is_file()
+
+
 @serve.deployment(name="ClipServer")
 class ClipServer(_ReplicaBase):
-    """CLIP zero-shot classification with the pool on both towers; requests are batched."""
+    """CLIP zero-shot classification with the pool on both towers; requests are batched.
+
+    A replica whose model directory is not there yet (the default CLIP still being prepared
+    in the background by `mora serve`) starts at once, warming: Serve waits for `__init__`,
+    and the application must serve completions meanwhile. It answers every call with a
+    "warming" refusal until the directory appears, then loads it exactly as a replica that
+    found it ready does.
+    """
 
     async def __init__(self, config: dict[str, Any]) -> None:
-        from mora_runtime.models.clip import ClipClassifier
-        from mora_runtime.models.clip_loading import load_clip
+        from mora_runtime.paths import default_clip_dir
 
         cfg = ServerConfig.model_validate(config)
+        self.cfg = cfg
         self.model_name = cfg.clip.served_name
+        configured = cfg.clip.model_dir
+        self.model_dir = default_clip_dir() if configured is None else Path(configured).expanduser()
+        self.load_error: str | None = None
         if cfg.clip.torch_threads:
             _set_torch_threads(cfg.clip.torch_threads)
         # All torch work of this replica (loading, batches, pool mutations) on one thread:
@@ -234,6 +273,20 @@ class ClipServer(_ReplicaBase):
         # mutations, so a mutation always lands between two batches.
         self._torch = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="clip-torch")
         self._torch_ident = self._torch.submit(threading.get_ident).result()
+        self._classify_batch.set_max_batch_size(cfg.clip.max_batch_size)
+        self._classify_batch.set_batch_wait_timeout_s(cfg.clip.batch_wait_timeout_s)
+        if clip_dir_ready(self.model_dir):
+            await self._load()  # a directory that does not load fails the replica, as ever
+            return
+        self.warming = Refusal.warming(f"the CLIP model {self.model_name!r}")
+        logger.warning("no CLIP model in %s yet: warming up until it appears", self.model_dir)
+        self._warm_task = asyncio.get_running_loop().create_task(self._load_when_ready())
+
+    async def _load(self) -> None:
+        from mora_runtime.models.clip import ClipClassifier
+        from mora_runtime.models.clip_loading import load_clip
+
+        cfg = self.cfg
         loop = asyncio.get_running_loop()
         loaded = await loop.run_in_executor(self._torch, load_clip, cfg.clip.model_dir)
         self.classifier = ClipClassifier(loaded)
@@ -245,9 +298,30 @@ class ClipServer(_ReplicaBase):
         )
         self.base_labels = tuple(loaded.base_labels)
         self.replica = ReplicaPool(pool, loaded.model, "clip", cfg.expert_store, self._exclusive)
-        self._classify_batch.set_max_batch_size(cfg.clip.max_batch_size)
-        self._classify_batch.set_batch_wait_timeout_s(cfg.clip.batch_wait_timeout_s)
         await self._start_sync(cfg.expert_store)
+
+    async def _load_when_ready(self) -> None:
+        polls = 0
+        while not clip_dir_ready(self.model_dir):
+            polls += 1
+            if polls % WARM_REMINDER_POLLS == 0:
+                logger.info("still waiting for the CLIP model directory %s", self.model_dir)
+            await asyncio.sleep(WARM_POLL_S)
+        try:
+            await self._load()
+        except Exception as exc:  # check_health reports it, so Serve replaces this replica
+            logger.exception("loading the CLIP model from %s failed", self.model_dir)
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            return
+        self.warming = None
+        logger.info("CLIP replica %s ready: %s", self.replica.replica_id, self.model_dir)
+
+    async def check_health(self) -> None:
+        # A replica that found its directory at start and could not load it never started;
+        # one that loaded it later fails its health check instead, and its replacement
+        # loads at start (the directory is there now).
+        if self.load_error is not None:
+            raise RuntimeError(f"the CLIP model failed to load: {self.load_error}")
 
     def _exclusive(self, fn):
         """Run a pool mutation on the torch thread, between two batches (blocking)."""
@@ -261,7 +335,11 @@ class ClipServer(_ReplicaBase):
             labels.extend(str(n) for n in entry.meta.get("class_names", ()))
         return list(dict.fromkeys(labels))
 
-    async def classify(self, images: list, labels: list[str] | None, mora: Any) -> ClassifyResult:
+    async def classify(
+        self, images: list, labels: list[str] | None, mora: Any
+    ) -> ClassifyResult | Refusal:
+        if self.warming is not None:
+            return self.warming
         return await self._classify_batch((images, labels, mora))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)

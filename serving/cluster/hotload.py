@@ -12,7 +12,9 @@ Protocol (driven by the ingress, `HotLoadCoordinator`; the records that cross Ra
 3. Each replica also reconciles with the registry in the background, so a replica that
    missed a commit, or started later, converges to the committed pool under the registry's
    version: one version names one pool on every replica (and drops what it staged for a
-   commit it missed).
+   commit it missed). A replica still warming up (its model not loaded) answers every step
+   with a "warming" `Refusal`: a load or retire for its model is refused with a 503, and it
+   catches up with the registry once loaded.
 Requests in flight keep the snapshot they were admitted with (see `mora_runtime.experts.pool`).
 """
 
@@ -33,12 +35,20 @@ from mora_runtime.expert_sets.store import read_metadata, resolve_in_store
 from serving.cluster.protocol import (
     HotLoadOp,
     HotLoadResult,
+    Refusal,
     ReplicaDescription,
     ReplicaReport,
     Unreached,
 )
 from serving.cluster.registry import RegistryState
-from serving.http.errors import BadRequest, ExpertConflict, ExpertLoadFailed, NotFound, Overloaded
+from serving.http.errors import (
+    BadRequest,
+    ExpertConflict,
+    ExpertLoadFailed,
+    NotFound,
+    Overloaded,
+    ServiceUnavailable,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +153,7 @@ class HotLoadCoordinator:
             failures = [r for r in prepared if not isinstance(r, ReplicaReport)]
             if failures or not prepared:
                 await handle.broadcast("abort", op.op_id).results_async(return_exceptions=True)
+                _raise_if_warming(failures)
                 reasons = sorted({_reason(f) for f in failures}) or ["no replica is running"]
                 raise ExpertLoadFailed(
                     f"{op.action} of {op.name!r} failed on {len(failures)} of "
@@ -205,7 +216,18 @@ class HotLoadCoordinator:
         return target
 
 
+def _raise_if_warming(failures: list[object]) -> None:
+    """A replica whose model is still loading cannot validate a set: retry once it is up."""
+    for failure in failures:
+        if isinstance(failure, Refusal) and failure.kind == "warming":
+            raise ServiceUnavailable(
+                failure.message, retry_after=failure.retry_after_s, code="model_warming"
+            )
+
+
 def _reason(error: object) -> str:
+    if isinstance(error, Refusal):  # e.g. a warming replica a commit did not reach
+        return error.message
     # Ray wraps replica exceptions; the innermost message is what the operator needs.
     if not isinstance(error, BaseException):
         return f"unexpected answer {type(error).__name__}"

@@ -40,6 +40,9 @@ from serving.http.errors import BadRequest, Overloaded, ServiceUnavailable
 logger = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1
+# /health asks the CLIP replicas whether they have loaded; one that has not answered by
+# then counts as not ready.
+READY_TIMEOUT_S = 1.0
 # A call whose replica died before answering anything is sent again (Serve routes it to a
 # live replica); a short, growing pause lets Serve learn of the death first.
 REPLICA_RETRIES = 2
@@ -69,6 +72,10 @@ def refusal_error(refusal: Refusal) -> Overloaded | BadRequest:
     """The HTTP error of a request a model replica refused on admission."""
     if refusal.kind == "overloaded":
         return Overloaded(refusal.message, retry_after=RETRY_AFTER_S)
+    if refusal.kind == "warming":
+        return ServiceUnavailable(
+            refusal.message, retry_after=refusal.retry_after_s, code="model_warming"
+        )
     return BadRequest(refusal.message)
 
 
@@ -155,6 +162,23 @@ class RayClipBackend:
     def __init__(self, handle: Any, model_name: str) -> None:
         self.handle = handle
         self.model_name = model_name
+        self._loaded = False  # every replica said it was ready once: warming is over
+
+    async def ready(self) -> bool:
+        """Whether every running replica has loaded the model. Warming happens once, at
+        start (a replica started later finds the directory and loads before it runs), so
+        once all have said so the replicas are not asked again: /health stays cheap."""
+        if self._loaded:
+            return True
+        try:
+            answers = await asyncio.wait_for(
+                self.handle.broadcast("is_ready").results_async(return_exceptions=True),
+                READY_TIMEOUT_S,
+            )
+        except TimeoutError:  # a replica that does not answer in time is not ready
+            return False
+        self._loaded = bool(answers) and all(answer is True for answer in answers)
+        return self._loaded
 
     async def classify(
         self, images: list, labels: list[str] | None, mora: MoraOverrides | None
@@ -162,7 +186,10 @@ class RayClipBackend:
         # Classification has no partial output: every attempt may be retried.
         for attempt in range(REPLICA_RETRIES + 1):
             try:
-                return await self.handle.classify.remote(images, labels, mora)
+                result = await self.handle.classify.remote(images, labels, mora)
+                if isinstance(result, Refusal):  # a replica still warming up
+                    raise refusal_error(result)
+                return result
             except BackPressureError as exc:
                 raise Overloaded(f"the CLIP model is at capacity ({exc})", retry_after=1) from None
             except Exception as exc:

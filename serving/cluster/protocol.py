@@ -3,8 +3,9 @@
 Hot-loading (serving/cluster/hotload.py drives it, serving/cluster/replica_pool.py answers):
 the coordinator broadcasts a `HotLoadOp`; each replica answers a `ReplicaReport`, or raises,
 which fails the operation everywhere. `ReplicaDescription` is what a replica says of its pool
-for `GET /v1/experts`. A request the LM replica refuses comes back as a `Refusal` instead of an
-exception, so it crosses Ray without a traceback.
+for `GET /v1/experts`. A request a replica refuses comes back as a `Refusal` instead of an
+exception, so it crosses Ray without a traceback; a replica still warming up (its model not
+loaded yet) answers every call, hot-load steps included, with a "warming" `Refusal`.
 
 All are frozen dataclasses of plain values (picklable, no torch, no Ray). The JSON the admin
 routes answer is built here (`as_json`), field for field what the routes always returned.
@@ -19,7 +20,9 @@ from typing import Any, Literal
 
 Action = Literal["load", "retire"]
 ReplicaStatus = Literal["prepared", "committed", "synced", "aborted"]
-RefusalKind = Literal["overloaded", "bad_request"]
+RefusalKind = Literal["overloaded", "bad_request", "warming"]
+# How long a client should wait before asking a warming model again (Retry-After).
+WARMING_RETRY_AFTER_S = 5
 
 
 def new_op_id() -> str:
@@ -156,8 +159,20 @@ class ReplicaDescription:
 
 @dataclass(frozen=True)
 class Refusal:
-    """A request the replica refused before running it: at capacity, or one the client got
-    wrong (the ingress answers 503 or 400)."""
+    """A request the replica refused before running it: at capacity, one the client got
+    wrong, or its model is still warming up. The ingress answers 400 for a bad request, else
+    a 503 with `Retry-After`."""
 
     kind: RefusalKind
     message: str
+    retry_after_s: int = 1  # for the retryable kinds: the Retry-After a client is told
+
+    @classmethod
+    def warming(cls, what: str) -> Refusal:
+        """`what` (e.g. "the CLIP model 'x'") has not finished loading yet."""
+        return cls(
+            "warming",
+            f"{what[:1].upper()}{what[1:]} is warming up (being prepared or loaded); "
+            "retry in a few seconds.",
+            retry_after_s=WARMING_RETRY_AFTER_S,
+        )

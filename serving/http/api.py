@@ -7,6 +7,7 @@ tests drive it with fakes. Any backend may be None: its routes then answer 404.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -42,6 +43,7 @@ from serving.http.protocol import (
     Limits,
 )
 from serving.http.responses import (
+    HealthResponse,
     ModelCard,
     ModelList,
 )
@@ -49,6 +51,8 @@ from serving.http.responses import (
 logger = logging.getLogger(__name__)
 
 ENDPOINTS = ("/v1/completions", "/v1/models", "/classify", "/v1/experts", "/health")
+# /health waits this long for a backend's readiness; past it the model counts as not ready.
+READY_TIMEOUT_S = 1.5
 
 
 _LIMITS = LimitSettings()  # the defaults below are the server config's, never restated
@@ -310,10 +314,25 @@ def _misc_router(state: AppState) -> APIRouter:
         return ModelList(data=[ModelCard(id=name) for name in state.model_names])
 
     @routes.get("/health", responses=errors())
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "models": list(state.model_names)}
+    async def health() -> HealthResponse:
+        # The app exists only once its LM has loaded (the ingress asks it for its tokenizer
+        # first), so the LM names are ready; a CLIP may still be warming up.
+        ready = dict.fromkeys(state.lm_names, True)
+        if state.clip is not None:
+            ready[state.clip.model_name] = await _ready(state.clip)
+        return HealthResponse(models=list(state.model_names), ready=ready)
 
     return routes
+
+
+async def _ready(clip: ClipBackend) -> bool:
+    """The backend's readiness, bounded: a health probe must answer even when a replica
+    does not."""
+    try:
+        return bool(await asyncio.wait_for(clip.ready(), READY_TIMEOUT_S))
+    except Exception:  # a replica that cannot say is not ready; the probe still answers
+        logger.debug("readiness of %s unknown", clip.model_name, exc_info=True)
+        return False
 
 
 def _method_not_allowed(routes: list[BaseRoute]) -> Callable[[Request, Exception], Any]:

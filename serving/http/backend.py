@@ -70,7 +70,16 @@ class LMBackend(Protocol):
 
 
 class ClipBackend(Protocol):
+    """A CLIP model. It may still be warming up (its model not loaded yet) while the LM
+    serves: `ready` says whether it is, and `classify` raises `ServiceUnavailable` (503, with
+    Retry-After) until then."""
+
     model_name: str
+
+    async def ready(self) -> bool:
+        """Whether the model is loaded and classifies. Must answer quickly: /health bounds
+        it and counts an answer that comes late as not ready."""
+        ...
 
     async def classify(
         self,

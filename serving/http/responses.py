@@ -1,5 +1,5 @@
 """Pydantic models of the HTTP answers: OpenAI completions (whole and streamed chunks), the
-model list, classification results, and the `mora` extension every answer carries.
+model list, health, classification results, and the `mora` extension every answer carries.
 
 Requests and their validation live in `serving.http.protocol`.
 """
@@ -100,6 +100,17 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class HealthResponse(BaseModel):
+    """`GET /health`: 200 whenever the server answers (the LM serves once the app is up)."""
+
+    status: Literal["ok"] = "ok"
+    models: list[str] = Field(description="Every served model name, as /v1/models lists them")
+    ready: dict[str, bool] = Field(
+        description="Per served model name: true once the model is loaded and answers; false "
+        "while it warms up (its requests get a 503 with Retry-After meanwhile)"
+    )
 
 
 class LabelScore(BaseModel):

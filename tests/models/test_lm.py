@@ -402,15 +402,18 @@ def test_serve_prepares_only_the_defaults_its_config_uses(
 
     prepared: list[dict[str, bool]] = []
     served: list[Path | None] = []
+    in_background: list[str] = []  # the default CLIP (tests/serving/test_cli_serve.py)
     monkeypatch.setattr(serving.cli, "prepare_models", lambda **kw: prepared.append(kw))
+    monkeypatch.setattr(serving.cli, "_start_clip_prepare", lambda: in_background.append("clip"))
     monkeypatch.setattr(serving.cluster.launcher, "run", lambda path: served.append(path) or 0)
     config = tmp_path / "serve.yaml"
     config.write_text("clip: {enabled: false}\nlm: {model_dir: /somewhere}\n")
     assert mora_main(["serve", "--config", str(config)]) == 0
-    assert prepared == [{"lm": False, "clip": False}]
+    assert prepared == [{"lm": False, "clip": False}] and in_background == []
     assert served == [config]
     assert mora_main(["serve"]) == 0
-    assert prepared[-1] == {"lm": True, "clip": True} and served[-1] is None
+    assert prepared[-1] == {"lm": True, "clip": False} and served[-1] is None
+    assert in_background == ["clip"]
 
 
 def test_serve_with_missing_config_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

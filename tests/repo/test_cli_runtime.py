@@ -100,3 +100,38 @@ def test_import_peft_explains_a_directory_name_that_is_not_a_set_name(
     err = capsys.readouterr().err
     assert "--name" in err and "bad name!" in err
     assert not out.exists()
+
+
+# --- models prepare --only -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "only, built",
+    [((), ["kernels", "lm", "clip"]), (("--only", "lm"), ["kernels", "lm"]),
+     (("--only", "clip"), ["clip"])],
+    ids=["all", "lm", "clip"],
+)  # fmt: skip
+def test_models_prepare_only_prepares_what_that_model_needs(
+    only: tuple[str, ...], built: list[str], monkeypatch, tmp_path
+) -> None:
+    # `mora serve` runs `--only clip` in the background: it must not build the kernels or
+    # touch the LM, which the server prepares meanwhile.
+    monkeypatch.setenv(paths.CACHE_ENV, str(tmp_path))
+    import mora_runtime.cpu.build as cpu_build
+    import mora_runtime.learn.pretrain_clip as pretrain_clip
+    import mora_runtime.models.lm as lm
+
+    calls: list[str] = []
+    monkeypatch.setattr(cpu_build, "kernels", lambda: calls.append("kernels") or object())
+    monkeypatch.setattr(lm, "default_lm_is_prepared", lambda: True)
+    monkeypatch.setattr(lm, "prepare_default_lm", lambda force: calls.append("lm") or tmp_path)
+    monkeypatch.setattr(
+        pretrain_clip, "prepare_default_clip", lambda force: calls.append("clip") or tmp_path
+    )
+    assert mora("models", "prepare", *only) == 0
+    assert calls == built
+
+
+def test_models_prepare_only_refuses_another_model(capsys) -> None:
+    assert mora("models", "prepare", "--only", "gpt") == 2
+    assert "invalid choice" in capsys.readouterr().err

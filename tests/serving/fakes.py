@@ -191,15 +191,22 @@ class FakeLM:
 
 
 class FakeClip:
-    """Scores depend only on image size, so results are deterministic."""
+    """Scores depend only on image size, so results are deterministic. `ready()` answers
+    `is_ready` after `ready_delay_s` (so a slow answer can be tested)."""
 
     model_name = "fake-clip"
     default_labels = ("cat", "dog", "bird")
 
-    def __init__(self, delay_s: float = 0.0) -> None:
+    def __init__(self, delay_s: float = 0.0, *, ready_delay_s: float = 0.0) -> None:
         self.delay_s = delay_s
+        self.is_ready = True
+        self.ready_delay_s = ready_delay_s
         self.calls: list[tuple[list[tuple[int, int]], list[str] | None, MoraOverrides | None]]
         self.calls = []
+
+    async def ready(self) -> bool:
+        await asyncio.sleep(self.ready_delay_s)
+        return self.is_ready
 
     async def classify(
         self, images: list[Image.Image], labels: list[str] | None, mora: MoraOverrides | None

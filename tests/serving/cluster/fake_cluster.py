@@ -3,8 +3,9 @@ without Ray (tests/serving/cluster/test_hotload_coordinator.py).
 
 A `FakeReplica` keeps its pool as a (version, names) pair and answers the protocol the way
 serving/cluster/replica_pool.py does: `prepare` stages, `commit` and `sync` converge to the
-registry state they are given, `abort` drops what was staged. What it does at each operation
-of a scenario is its plan: one `Step` per operation.
+registry state they are given, `abort` drops what was staged; one still warming up answers
+every call with a "warming" `Refusal`, as serving/cluster/deployments.py's replicas do. What it
+does at each operation of a scenario is its plan: one `Step` per operation.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from mora_runtime.expert_sets.format import ExpertSetError
 from serving.cluster.protocol import (
     HotLoadOp,
     LoadedSet,
+    Refusal,
     ReplicaDescription,
     ReplicaReport,
     ReplicaStatus,
@@ -35,6 +37,7 @@ class Step(Enum):
     FAIL = "fail"  # refuses the prepare (the set does not validate there)
     JOIN = "join"  # starts between the prepare broadcast and the commit: gets the commit only
     MISS = "miss"  # prepares, but the commit never reaches it (its call fails)
+    WARM = "warm"  # running, its model not loaded yet: refuses every call as warming
 
 
 class FakeReplica:
@@ -58,35 +61,48 @@ class FakeReplica:
     def report(self, status: ReplicaStatus) -> ReplicaReport:
         return ReplicaReport(self.replica_id, status, self.version, len(self.names), 0.0)
 
-    async def prepare(self, op: HotLoadOp) -> ReplicaReport:
+    def warming(self) -> Refusal | None:
+        return Refusal.warming(f"replica {self.replica_id}") if self.step is Step.WARM else None
+
+    async def prepare(self, op: HotLoadOp) -> ReplicaReport | Refusal:
         self.calls.append(f"prepare {op.key}")
         if self.gate is not None:
             await self.gate.wait()
+        if refusal := self.warming():
+            return refusal
         if self.step is Step.FAIL:
             raise ExpertSetError(f"{op.name!r} does not validate on {self.replica_id}")
         if op.action == "load":
             self.staged[op.op_id] = op.name
         return self.report("prepared")
 
-    async def commit(self, op: HotLoadOp, state: RegistryState) -> ReplicaReport:
+    async def commit(self, op: HotLoadOp, state: RegistryState) -> ReplicaReport | Refusal:
         self.calls.append(f"commit {op.key}")
+        if refusal := self.warming():
+            return refusal
         if self.step is Step.MISS:
             raise ConnectionError(f"{self.replica_id} did not answer")
         self.staged.pop(op.op_id, None)
         self.converge(state)
         return self.report("committed")
 
-    async def sync(self, state: RegistryState) -> ReplicaReport:
+    async def sync(self, state: RegistryState) -> ReplicaReport | Refusal:
         self.calls.append("sync")
+        if refusal := self.warming():
+            return refusal
         self.converge(state)
         return self.report("synced")
 
-    async def abort(self, op_id: str) -> ReplicaReport:
+    async def abort(self, op_id: str) -> ReplicaReport | Refusal:
         self.calls.append("abort")
+        if refusal := self.warming():
+            return refusal
         self.staged.pop(op_id, None)
         return self.report("aborted")
 
-    async def describe_pool(self) -> ReplicaDescription:
+    async def describe_pool(self) -> ReplicaDescription | Refusal:
+        if refusal := self.warming():
+            return refusal
         sets = tuple(LoadedSet(n, 2, 2 * i, 2 * i + 2) for i, n in enumerate(self.names))
         return ReplicaDescription(self.replica_id, self.version, sets, (), node_id="node")
 

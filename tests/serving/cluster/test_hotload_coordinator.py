@@ -26,7 +26,13 @@ from mora_runtime.expert_sets.store import save_expert_set
 from serving.cluster.hotload import HotLoadCoordinator
 from serving.cluster.protocol import HotLoadOp, HotLoadResult
 from serving.cluster.registry import RegistryState
-from serving.http.errors import ApiError, ExpertConflict, ExpertLoadFailed, NotFound
+from serving.http.errors import (
+    ApiError,
+    ExpertConflict,
+    ExpertLoadFailed,
+    NotFound,
+    ServiceUnavailable,
+)
 from tests.serving import fakes
 from tests.serving.cluster.fake_cluster import (
     FakeHandle,
@@ -37,6 +43,7 @@ from tests.serving.cluster.fake_cluster import (
 )
 
 LM, CLIP = "causal_lm", "clip"
+SET_KINDS = {"a": LM, "b": LM, "c": CLIP}  # the sets in the `store` fixture
 
 
 # --------------------------------------------------------------------- de-duplication
@@ -139,18 +146,31 @@ CASES = (
          (1, ("a",)), ((1, ("a",)),)),
     Case("another model's replicas adopt the version", ((LM, "ok"), (CLIP, "ok")),
          ("load a",), (1,), (1, ("a",)), ((1, ("a",)), (1, ()))),
+    Case("an LM load commits while the CLIP warms up; the CLIP catches up once loaded",
+         ((LM, "ok ok"), (CLIP, "warm ok")), ("load a", "load b"), (1, 2),
+         (2, ("a", "b")), ((2, ("a", "b")), (2, ()))),
+    Case("a CLIP set while the CLIP warms up is a 503 and changes nothing",
+         ((LM, "ok"), (CLIP, "warm")), ("load c",), (ServiceUnavailable,),
+         (0, ()), ((0, ()), (0, ()))),
+    Case("one warming CLIP replica refuses the load for all; the loaded one aborts",
+         ((CLIP, "ok ok"), (CLIP, "warm ok")), ("load c", "load c"), (ServiceUnavailable, 1),
+         (1, ("c",)), ((1, ("c",)), (1, ("c",)))),
+    Case("retiring a CLIP set while the CLIP warms up is a 503 and keeps it",
+         ((CLIP, "ok ok"), (CLIP, "- warm")), ("load c", "retire c"), (1, ServiceUnavailable),
+         (1, ("c",)), ((1, ("c",)), (0, ()))),
 )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Sets "a" and "b" for a causal LM; the fake replicas never read their tensors."""
+    """Sets "a" and "b" for a causal LM, "c" for a CLIP; the fake replicas never read their
+    tensors."""
     root = tmp_path_factory.mktemp("store")
     fingerprint = {"architecture": "Fake", "model_type": None, "hash": "0" * 64}
-    for name in ("a", "b"):
+    for name, kind in SET_KINDS.items():
         meta = ExpertSetMeta(
             name=name,
-            model_kind=LM,
+            model_kind=kind,
             base_model={**fingerprint, "modules": {"m": [4, 4]}},
             target_modules=("m",),
             rank=2,
@@ -212,8 +232,11 @@ class Cluster:
             step = replica.plan[index]
             if step is Step.JOIN:
                 continue  # starts during the operation, see _joiners
-            if step is not Step.ABSENT and replica.step is Step.ABSENT:
-                self.start(replica)
+            if step is Step.WARM:  # running, not loaded: nothing to reconcile yet
+                replica.step = step
+                continue
+            if step is not Step.ABSENT and replica.step in (Step.ABSENT, Step.WARM):
+                self.start(replica)  # a warming replica that loaded reconciles as it starts
             if replica.step is not Step.ABSENT:
                 replica.step = step
         for handle in self.handles.values():
@@ -278,7 +301,8 @@ class Cluster:
         if all(isinstance(r, ApiError) for r in results):
             # All or nothing: a failed operation changed no pool and not the registry.
             assert (pools(self.replicas), self.state()) == before, text
-        running = [r for r in self.handles[LM].replicas if r.step is not Step.ABSENT]
+        handle = self.handles.get(SET_KINDS.get(name, LM), FakeHandle())
+        running = [r for r in handle.replicas if r.step is not Step.ABSENT]
         statuses = ["will reconcile" if r.step is Step.MISS else "committed" for r in running]
         for result in results:
             if not isinstance(result, ApiError):
@@ -294,7 +318,8 @@ class Cluster:
         assert [s["name"] for s in listed["sets"]] == [e.name for e in state.sets]
         assert all(s["path"] == s["name"] for s in listed["sets"])  # relative to the store
         for kind, handle in self.handles.items():
-            running = [r for r in handle.replicas if r.step is not Step.ABSENT]
+            # A warming replica has no pool to describe: it is left out, like one that fails.
+            running = [r for r in handle.replicas if r.step not in (Step.ABSENT, Step.WARM)]
             described = listed["replicas"][kind]
             assert [(d["replica"], d["pool_version"]) for d in described] == [
                 (r.replica_id, r.version) for r in running
