@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import copy
+import importlib.machinery
 import json
 import re
+import sys
+import types
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from mora_runtime import paths
 from mora_runtime.cli import build_parser, run
+from mora_runtime.expert_sets import peft_import
+from mora_runtime.models import lm as lm_module
+from serving.cli import main as mora_main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -135,3 +142,178 @@ def test_models_prepare_only_prepares_what_that_model_needs(
 def test_models_prepare_only_refuses_another_model(capsys) -> None:
     assert mora("models", "prepare", "--only", "gpt") == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+# --- CLI -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("which", "expected"), [("lm", "default_lm_dir"), ("clip", "default_clip_dir")]
+)
+def test_models_path_prints_the_cache_dir(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    which: str,
+    expected: str,
+) -> None:
+    monkeypatch.setenv("MORA_CACHE", str(tmp_path))
+    # Only a prepared model's path is printed (an unprepared one: tests/repo/test_cli_runtime.py).
+    import mora_runtime.learn.pretrain_clip as clip_default
+
+    monkeypatch.setattr(lm_module, "default_lm_is_prepared", lambda: True)
+    monkeypatch.setattr(clip_default, "default_clip_is_prepared", lambda: True)
+    assert mora_main(["models", "path", which]) == 0
+    printed = Path(capsys.readouterr().out.strip())
+    assert printed == getattr(paths, expected)()
+    assert printed.is_relative_to(tmp_path)
+
+
+def test_models_prepare_calls_the_clip_default_when_present(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.setenv("MORA_CACHE", str(tmp_path))
+    monkeypatch.setattr(lm_module, "default_lm_is_prepared", lambda: True)
+    monkeypatch.setattr(lm_module, "prepare_default_lm", lambda force=False: tmp_path)
+    clip_calls: list[bool] = []
+    fake = types.ModuleType("mora_runtime.learn.pretrain_clip")
+    fake.__spec__ = importlib.machinery.ModuleSpec("mora_runtime.learn.pretrain_clip", None)
+    fake.prepare_default_clip = lambda force=False: clip_calls.append(force) or tmp_path / "clip"
+    monkeypatch.setitem(sys.modules, "mora_runtime.learn.pretrain_clip", fake)
+    assert mora_main(["models", "prepare"]) == 0
+    assert clip_calls == [False]
+    out = capsys.readouterr().out
+    assert f"causal LM: ready at {tmp_path}" in out
+    assert f"CLIP: ready at {tmp_path / 'clip'}" in out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["import-peft"],
+        ["import-peft", "adapter", "--name", "x"],
+        # (without --name the set is named after --out: tests/repo/test_cli_runtime.py)
+        ["import-peft", "adapter", "--out", "o", "--name", "x", "--kind", "vision"],
+        ["import-peft", "adapter", "--out", "o", "--name", "x", "--top-k", "0"],
+        ["import-peft", "adapter", "--out", "o", "--name", "x", "--tau", "abc"],
+        [],
+        ["models"],
+        ["models", "path", "tokenizer"],
+    ],
+)
+def test_argument_errors_are_clean(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    assert mora_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err
+    assert "Traceback" not in err
+
+
+def test_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
+    assert mora_main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("models", "import-peft", "serve"):
+        assert command in out
+
+
+def test_missing_adapter_dir_is_a_one_line_error(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    argv = ["import-peft", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--name", "x"]
+    assert mora_main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mora: error: adapter directory")
+    assert "Traceback" not in err
+
+
+class FakePeftImport:
+    """Stands in for the converter: records its arguments (patched onto the real module, so
+    the CLI's import finds it whether or not the module was imported before)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+        monkeypatch.setattr(peft_import, "convert_peft_adapter", self.convert_peft_adapter)
+
+    def convert_peft_adapter(self, *args: Any, **kwargs: Any) -> Path:
+        self.calls.append((args, kwargs))
+        return args[1]
+
+
+def test_import_peft_passes_arguments_through(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    tiny_llama_dir: Path,
+) -> None:
+    fake = FakePeftImport(monkeypatch)
+    adapter, out = tmp_path / "adapter", tmp_path / "out"
+    adapter.mkdir()
+
+    argv = ["import-peft", str(adapter), "--out", str(out), "--name", "math", "--top-k", "4"]
+    assert mora_main([*argv, "--base", str(tiny_llama_dir), "--overwrite"]) == 0
+    args, kwargs = fake.calls[-1]
+    assert args == (adapter, out)
+    base = kwargs.pop("base_model")
+    assert kwargs == {"name": "math", "model_kind": "causal_lm", "top_k": 4, "overwrite": True}
+    assert type(base).__name__ == "LlamaForCausalLM"
+    assert not base.training
+    assert str(out) in capsys.readouterr().out
+
+    # Without --base: the default causal LM (prepared if needed) is the base.
+    monkeypatch.setattr(lm_module, "prepare_default_lm", lambda force=False: tiny_llama_dir)
+    assert mora_main(argv) == 0
+    assert type(fake.calls[-1][1]["base_model"]).__name__ == "LlamaForCausalLM"
+    assert "overwrite" not in fake.calls[-1][1]
+
+
+def test_import_peft_clip_without_a_default_clip(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.setenv("MORA_CACHE", str(tmp_path / "cache"))
+    FakePeftImport(monkeypatch)
+    argv = ["import-peft", str(tmp_path), "--out", str(tmp_path / "o"), "--name", "x"]
+    assert mora_main([*argv, "--kind", "clip"]) == 1
+    assert "mora models prepare" in capsys.readouterr().err
+
+
+def test_import_peft_reports_converter_errors(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    tiny_llama_dir: Path,
+) -> None:
+    def reject(*args: Any, **kwargs: Any) -> Path:
+        raise ValueError("adapter_config.json: not a LoRA adapter")
+
+    monkeypatch.setattr(peft_import, "convert_peft_adapter", reject)
+    argv = ["import-peft", str(tmp_path), "--out", str(tmp_path / "o"), "--name", "x"]
+    assert mora_main([*argv, "--base", str(tiny_llama_dir)]) == 1
+    err = capsys.readouterr().err  # transformers' load progress bars come first
+    assert err.endswith("\nmora: error: adapter_config.json: not a LoRA adapter\n")
+    assert "Traceback" not in err
+
+
+def test_serve_prepares_only_the_defaults_its_config_uses(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import serving.cli
+    import serving.cluster.launcher
+
+    prepared: list[dict[str, bool]] = []
+    served: list[Path | None] = []
+    in_background: list[str] = []  # the default CLIP (tests/serving/test_cli_serve.py)
+    monkeypatch.setattr(serving.cli, "prepare_models", lambda **kw: prepared.append(kw))
+    monkeypatch.setattr(serving.cli, "_start_clip_prepare", lambda: in_background.append("clip"))
+    monkeypatch.setattr(serving.cluster.launcher, "run", lambda path: served.append(path) or 0)
+    config = tmp_path / "serve.yaml"
+    config.write_text("clip: {enabled: false}\nlm: {model_dir: /somewhere}\n")
+    assert mora_main(["serve", "--config", str(config)]) == 0
+    assert prepared == [{"lm": False, "clip": False}] and in_background == []
+    assert served == [config]
+    assert mora_main(["serve"]) == 0
+    assert prepared[-1] == {"lm": True, "clip": False} and served[-1] is None
+    assert in_background == ["clip"]
+
+
+def test_serve_with_missing_config_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert mora_main(["serve", "--config", str(tmp_path / "nope.yaml")]) == 1
+    assert "config file" in capsys.readouterr().err
