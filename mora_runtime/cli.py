@@ -115,6 +115,13 @@ def _register_models(subparsers: Any) -> None:
         help="prepare only what this model needs: lm = the CPU kernels and the default LM, "
         "clip = the default CLIP alone (what `mora serve` runs in the background)",
     )
+    prepare.add_argument(
+        "--threads",
+        type=_positive_int,
+        metavar="N",
+        help="threads for training the default CLIP (default: the cores other processes "
+        "leave free)",
+    )
     prepare.set_defaults(handler=_cmd_models_prepare)
 
     path = actions.add_parser("path", help="print the cache directory of a default model")
@@ -123,10 +130,15 @@ def _register_models(subparsers: Any) -> None:
 
 
 def prepare_models(
-    force: bool = False, *, lm: bool = True, clip: bool = True, kernels: bool = True
+    force: bool = False,
+    *,
+    lm: bool = True,
+    clip: bool = True,
+    kernels: bool = True,
+    threads: int | None = None,
 ) -> dict[str, Path | None]:
     """Prepare the CPU kernels (unless `kernels=False`) and the default models asked for;
-    returns `{name: dir}`."""
+    returns `{name: dir}`. `threads`: for training the default CLIP (None: the free cores)."""
     from mora_runtime.learn.pretrain_clip import prepare_default_clip
     from mora_runtime.models.lm import default_lm_is_prepared, prepare_default_lm
 
@@ -146,7 +158,7 @@ def prepare_models(
     if clip:
         print(f"CLIP: default CLIP in {default_clip_dir()} (trained once at set-up) ...")
         start = time.perf_counter()
-        prepared["clip"] = Path(prepare_default_clip(force=force))
+        prepared["clip"] = Path(prepare_default_clip(force=force, threads=threads))
         print(f"CLIP: ready at {prepared['clip']} ({time.perf_counter() - start:.1f} s)")
     return prepared
 
@@ -172,6 +184,7 @@ def _cmd_models_prepare(args: argparse.Namespace) -> int:
         lm=args.only in (None, "lm"),
         clip=args.only in (None, "clip"),
         kernels=args.only in (None, "lm"),
+        threads=args.threads,
     )
     return 0
 

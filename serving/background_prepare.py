@@ -31,8 +31,21 @@ STOP_GRACE_S = 10.0
 
 
 def clip_prepare_command() -> list[str]:
-    """`mora models prepare --only clip`, with this Python (no PATH lookup)."""
-    return [sys.executable, "-m", "mora_runtime.cli", "models", "prepare", "--only", "clip"]
+    """`mora models prepare --only clip --threads <every core>`, with this Python (no PATH
+    lookup). Every core: the child is niced, so the server's own work comes first, and the
+    load-based default would count the starting server and train on one thread."""
+    threads = str(os.cpu_count() or 1)
+    return [
+        sys.executable,
+        "-m",
+        "mora_runtime.cli",
+        "models",
+        "prepare",
+        "--only",
+        "clip",
+        "--threads",
+        threads,
+    ]
 
 
 class BackgroundPrepare:

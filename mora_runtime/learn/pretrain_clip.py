@@ -125,8 +125,11 @@ def train_base(
     recipe: ClipRecipe,
     *,
     progress: bool = True,
+    threads: int | None = None,
 ) -> TrainSummary:
-    """Contrastive training of the whole model on the base domain; returns a summary."""
+    """Contrastive training of the whole model on the base domain; returns a summary.
+
+    `threads`: intra-op threads (None: the cores other processes leave free)."""
     domain = domains.get_domain(domains.BASE_DOMAIN)
     samples, prompts = [], []
     for name in (domain.name, *recipe.background):
@@ -144,8 +147,8 @@ def train_base(
     text = text_inputs(tokenizer, prompts)
     words = [w for w in vocabulary() if w.isalpha()]
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(auto_threads())
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads) if threads else auto_threads())
     logger.info(
         "Training the default CLIP: %d images of %s, %d steps of %d, %d thread(s)",
         len(labels),
@@ -160,7 +163,7 @@ def train_base(
             model, images, labels, text, recipe, progress=progress, tokenizer=tokenizer, words=words
         )
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(previous)
         model.eval()
     seconds = time.perf_counter() - start
     accuracy = zero_shot_accuracy(model, tokenizer, image_processor, domain.name, "test")
@@ -270,7 +273,9 @@ def default_clip_is_prepared() -> bool:
     return _is_prepared(default_clip_dir())
 
 
-def prepare_default_clip(force: bool = False, *, progress: bool = True) -> Path:
+def prepare_default_clip(
+    force: bool = False, *, progress: bool = True, threads: int | None = None
+) -> Path:
     """Train and cache the default CLIP once; returns its directory.
 
     Idempotent (a marker names the recipe; a matching marker skips the work) and atomic (built
@@ -282,7 +287,7 @@ def prepare_default_clip(force: bool = False, *, progress: bool = True) -> Path:
 
     def build(staging: Path) -> dict[str, Any]:
         nonlocal summary
-        summary = _build_default(staging, progress=progress)
+        summary = _build_default(staging, progress=progress, threads=threads)
         return {
             "recipe": RECIPE_VERSION,
             "train_steps": summary.steps,
@@ -308,12 +313,14 @@ def prepare_default_clip(force: bool = False, *, progress: bool = True) -> Path:
     return target
 
 
-def _build_default(directory: Path, *, progress: bool) -> TrainSummary:
+def _build_default(directory: Path, *, progress: bool, threads: int | None) -> TrainSummary:
     recipe = DEFAULT_RECIPE
     tokenizer = build_tokenizer(recipe.max_text_length)
     image_processor = build_image_processor(recipe.image_size)
     model = build_clip(recipe, tokenizer)
-    summary = train_base(model, tokenizer, image_processor, recipe, progress=progress)
+    summary = train_base(
+        model, tokenizer, image_processor, recipe, progress=progress, threads=threads
+    )
     save_clip_dir(
         directory, model, tokenizer, image_processor, domains.get_domain(domains.BASE_DOMAIN)
     )

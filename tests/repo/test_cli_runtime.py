@@ -114,9 +114,9 @@ def test_import_peft_explains_a_directory_name_that_is_not_a_set_name(
 
 @pytest.mark.parametrize(
     "only, built",
-    [((), ["kernels", "lm", "clip"]), (("--only", "lm"), ["kernels", "lm"]),
-     (("--only", "clip"), ["clip"])],
-    ids=["all", "lm", "clip"],
+    [((), ["kernels", "lm", "clip(None)"]), (("--only", "lm"), ["kernels", "lm"]),
+     (("--only", "clip"), ["clip(None)"]), (("--only", "clip", "--threads", "3"), ["clip(3)"])],
+    ids=["all", "lm", "clip", "clip-threads"],
 )  # fmt: skip
 def test_models_prepare_only_prepares_what_that_model_needs(
     only: tuple[str, ...], built: list[str], monkeypatch, tmp_path
@@ -133,7 +133,9 @@ def test_models_prepare_only_prepares_what_that_model_needs(
     monkeypatch.setattr(lm, "default_lm_is_prepared", lambda: True)
     monkeypatch.setattr(lm, "prepare_default_lm", lambda force: calls.append("lm") or tmp_path)
     monkeypatch.setattr(
-        pretrain_clip, "prepare_default_clip", lambda force: calls.append("clip") or tmp_path
+        pretrain_clip,
+        "prepare_default_clip",
+        lambda force, threads: calls.append(f"clip({threads})") or tmp_path,
     )
     assert mora("models", "prepare", *only) == 0
     assert calls == built
@@ -178,7 +180,9 @@ def test_models_prepare_calls_the_clip_default_when_present(
     clip_calls: list[bool] = []
     fake = types.ModuleType("mora_runtime.learn.pretrain_clip")
     fake.__spec__ = importlib.machinery.ModuleSpec("mora_runtime.learn.pretrain_clip", None)
-    fake.prepare_default_clip = lambda force=False: clip_calls.append(force) or tmp_path / "clip"
+    fake.prepare_default_clip = lambda force=False, threads=None: (
+        clip_calls.append(force) or tmp_path / "clip"
+    )
     monkeypatch.setitem(sys.modules, "mora_runtime.learn.pretrain_clip", fake)
     assert mora_main(["models", "prepare"]) == 0
     assert clip_calls == [False]

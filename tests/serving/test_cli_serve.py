@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from mora_runtime import paths
+from mora_runtime.cli import build_parser
 from serving import background_prepare
 from serving import cli as serving_cli
 from serving.cluster import launcher
@@ -185,3 +186,14 @@ def test_make_run_leaves_preparing_to_serve() -> None:
     makefile = (REPO / "Makefile").read_text()
     run = makefile.split("\nrun:", 1)[1].split("\n", 1)[0].split()
     assert run == ["setup"], "make run must not wait for `make models` (the CLIP training)"
+
+
+def test_the_background_child_trains_the_clip_on_every_core() -> None:
+    # The load-based default would count the starting server and train on one thread.
+    command = background_prepare.clip_prepare_command()
+    assert command[:3] == [sys.executable, "-m", "mora_runtime.cli"]
+    assert command[3:] == [
+        "models", "prepare", "--only", "clip", "--threads", str(os.cpu_count() or 1)
+    ]  # fmt: skip
+    parsed = build_parser().parse_args(command[3:])
+    assert (parsed.only, parsed.threads) == ("clip", os.cpu_count() or 1)
