@@ -26,25 +26,3 @@ than a second library with its own build, bindings and per-token routing entry p
 Adding a backend (e.g. Triton for CUDA): one file with a `LayerBackend` subclass whose
 `prepare` refuses what it cannot run, and its name in `select.BACKENDS` and `AUTO_ORDER`.
 """
-
-from mora_runtime.experts.backends.base import (
-    AdaptedLayer,
-    BackendUnavailable,
-    ForwardSpec,
-    LayerBackend,
-)
-from mora_runtime.experts.backends.select import AUTO_ORDER, BACKENDS, forward_plan, select_backend
-from mora_runtime.experts.backends.trainable import TrainableExperts, trainable_experts
-
-__all__ = [
-    "AUTO_ORDER",
-    "BACKENDS",
-    "AdaptedLayer",
-    "BackendUnavailable",
-    "ForwardSpec",
-    "LayerBackend",
-    "TrainableExperts",
-    "forward_plan",
-    "select_backend",
-    "trainable_experts",
-]
