@@ -114,7 +114,10 @@ def routing_table(checkout: Path) -> str:
         for p in (checkout / "benchmarks/routing.py", checkout / "benchmarks/experts.py")
         if p.exists()
     )
-    return run(checkout, [str(script), "--quick"])
+    out = run(checkout, [str(script), "--quick"])
+    # The script prints rows as it goes, then the whole table under its legend: keep the table.
+    start = out.rfind("D = O")
+    return out[start:] if start >= 0 else out
 
 
 def main() -> None:
