@@ -42,6 +42,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from serving.config import load_config
 
     cfg = load_config(args.config)
+    # The LM first, on the whole machine: completions wait for it, and training the CLIP
+    # beside it would slow the kernels' build and the LM's conversion. Only the bundled
+    # defaults the config actually serves need preparing.
+    prepare_models(lm=cfg.lm.enabled and cfg.lm.model_dir is None, clip=False)
     background = None
     if cfg.clip.enabled and cfg.clip.model_dir is None:
         background = _start_clip_prepare()
@@ -49,8 +53,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     # `finally` below): the default action would leave it running.
     previous = signal.signal(signal.SIGTERM, _exit) if background is not None else None
     try:
-        # Only the bundled defaults the config actually serves need preparing.
-        prepare_models(lm=cfg.lm.enabled and cfg.lm.model_dir is None, clip=False)
         return serve(args.config)
     finally:
         if background is not None:

@@ -59,6 +59,14 @@ class Serve:
             "clip_prepare_command",
             lambda: [sys.executable, str(FAKE), mode, str(self.pidfile)],
         )
+        self.events: list[str] = []
+        started = serving_cli.BackgroundPrepare
+
+        def start_child(*args: Any, **kwargs: Any) -> Any:
+            self.events.append("child")
+            return started(*args, **kwargs)
+
+        monkeypatch.setattr(serving_cli, "BackgroundPrepare", start_child)
         monkeypatch.setattr(serving_cli, "prepare_models", self._prepare)
         monkeypatch.setattr(launcher, "run", self._serve)
         import mora_runtime.learn.pretrain_clip as pretrain_clip
@@ -66,6 +74,7 @@ class Serve:
         monkeypatch.setattr(pretrain_clip, "default_clip_is_prepared", lambda: self.clip_prepared)
 
     def _prepare(self, **kwargs: Any) -> dict:
+        self.events.append("prepare")
         self.prepared.append(kwargs)
         return {}
 
@@ -105,6 +114,8 @@ def test_serve_prepares_the_lm_and_trains_the_clip_in_a_child_it_stops(
     handler = signal.getsignal(signal.SIGTERM)  # another test's ray.init may have set one
     assert serve() == 0
     assert serve.prepared == [{"lm": True, "clip": False}]  # the CLIP is not waited for
+    # ... and trains only once the LM is ready, which then has the whole machine
+    assert serve.events == ["prepare", "child"]
     assert serve.seen_at_serve["alive"] and serve.seen_at_serve["own_group"]
     [pid] = serve.seen_at_serve["pids"]
     assert not alive(pid)  # stopped when the server ended
