@@ -12,16 +12,21 @@ from mora_runtime.experts.backends.base import BackendUnavailable, ForwardSpec, 
 from mora_runtime.experts.backends.cpu_fused import CpuFusedBackend
 from mora_runtime.experts.backends.torch_backend import TorchBackend
 from mora_runtime.experts.backends.trainable import TrainableExperts, installed
+from mora_runtime.experts.backends.triton_backend import TritonBackend
 from mora_runtime.experts.context import ForwardContext, Layout, current_context
 from mora_runtime.experts.pool import ExpertPool
 from mora_runtime.experts.slots import RoutingConfig
 
 BACKENDS: dict[str, type[LayerBackend]] = {
     CpuFusedBackend.name: CpuFusedBackend,
+    TritonBackend.name: TritonBackend,
     TorchBackend.name: TorchBackend,
 }
 # "auto" takes the first of these that accepts the forward; the tensor path accepts all.
-AUTO_ORDER: tuple[str, ...] = (CpuFusedBackend.name, TorchBackend.name)
+AUTO_ORDER: tuple[str, ...] = (CpuFusedBackend.name, TritonBackend.name, TorchBackend.name)
+# Backends "auto" considers only for forwards on these devices: the Triton kernel runs on a
+# CPU only under its interpreter, which is for tests, never for serving.
+AUTO_DEVICES: dict[str, tuple[str, ...]] = {TritonBackend.name: ("cuda",)}
 BACKEND_ENV = "MORA_BACKEND"  # a process-wide choice for forwards that ask for "auto"
 _PLAN_KEYS = {False: "plan", True: "plan/grad"}  # where a layout keeps its backend
 
@@ -34,6 +39,8 @@ def select_backend(spec: ForwardSpec, backend: str = "auto") -> LayerBackend:
         backend = os.environ.get(BACKEND_ENV, "auto").strip() or "auto"
     if backend == "auto":
         for name in AUTO_ORDER:
+            if name in AUTO_DEVICES and spec.device.type not in AUTO_DEVICES[name]:
+                continue
             prepared = BACKENDS[name].prepare(spec)
             if not isinstance(prepared, str):
                 return prepared
