@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -34,8 +35,11 @@ def lm_replicas() -> list[dict]:
     ]
 
 
-def outcome(base_url: str, stream: bool) -> tuple[str, int, str]:
-    """(kind, status, detail): kind is "done", "503", "sse-error" or something unexpected."""
+def outcome(
+    base_url: str, stream: bool, started: threading.Event | None = None
+) -> tuple[str, int, str]:
+    """(kind, status, detail): kind is "done", "503", "sse-error" or something unexpected.
+    A stream sets `started` at its first event (its sequence is decoding on a replica)."""
     body = {"model": LM_NAME, "prompt": "the quick brown fox", "max_tokens": MAX_TOKENS}
     with httpx.Client(base_url=base_url, timeout=300) as client:
         if not stream:
@@ -48,9 +52,12 @@ def outcome(base_url: str, stream: bool) -> tuple[str, int, str]:
         with client.stream("POST", "/v1/completions", json=body | {"stream": True}) as response:
             if response.status_code != 200:
                 return "unexpected", response.status_code, response.read().decode()[:200]
-            events = [
-                line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")
-            ]
+            events = []
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[len("data: ") :])
+                    if started is not None:
+                        started.set()
     assert events and events[-1] == "[DONE]", events[-3:]
     last = json.loads(events[-2])
     if "error" in last:
@@ -64,9 +71,19 @@ def test_killed_replica_costs_no_500_and_later_requests_are_served(server) -> No
     replicas = lm_replicas()
     assert len(replicas) == 2, replicas
     before = {r["replica"] for r in server.experts()["replicas"]["causal_lm"]}
+    streams = [threading.Event() for _ in range(8)]
     with ThreadPoolExecutor(16) as pool:
-        futures = [pool.submit(outcome, server.base_url, i % 2 == 0) for i in range(16)]
-        time.sleep(2.0)  # every request admitted and decoding
+        futures = [
+            pool.submit(
+                outcome, server.base_url, i % 2 == 0, streams[i // 2] if i % 2 == 0 else None
+            )
+            for i in range(16)
+        ]
+        # Kill once every stream is decoding (a fixed sleep raced a busy machine: requests not
+        # yet admitted are retried on the survivor, and then the kill hit nothing).
+        deadline = time.monotonic() + 120
+        for event in streams:
+            assert event.wait(max(0.0, deadline - time.monotonic())), "a stream never started"
         ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]))
         results = [f.result(timeout=600) for f in futures]
     logger.info("outcomes: %s", sorted((kind, detail) for kind, _, detail in results))
