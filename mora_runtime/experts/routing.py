@@ -190,8 +190,9 @@ def mora_delta(
     [T, D] x [D, N] product); values touch only the rows kept after pruning. `threshold`
     applies only when `training` is False. N = 0 gives zeros. `backend` picks the layer
     backend as a served forward does (mora_runtime/experts/backends): "auto" (the fused CPU
-    extension for CPU float32 inference, else the tensor path), "torch" (`route` +
-    `apply_values`: any device, differentiable) or "cpu_fused".
+    extension for CPU float32 inference, the Triton kernel for CUDA inference, else the
+    tensor path), "torch" (`route` + `apply_values`: any device, differentiable),
+    "cpu_fused" or "triton".
     """
     if A.shape[0] == 0:
         return x.new_zeros(x.shape[0], B.shape[1])

@@ -187,3 +187,24 @@ def test_prepare_refuses_training_gradients_and_a_cpu_without_the_interpreter(mo
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(BackendUnavailable, match="CUDA tensors only"):
         select_backend(_spec(), "triton")
+
+
+def test_a_failed_launch_serves_through_the_torch_backend_and_disables_triton(monkeypatch):
+    """A kernel that cannot compile or launch on this GPU must not fail requests: that call
+    is served by the tensor path, and the process stops choosing triton."""
+    monkeypatch.setattr(TritonBackend, "disabled", None)
+
+    def broken(self, x, y, layer):
+        raise RuntimeError("no kernel for this GPU")
+
+    monkeypatch.setattr(TritonBackend, "_launch", broken)
+    x, A, B = make_case("uniform", 7, 16, seed=5)
+    kwargs = dict(top_k=4, tau=0.1, threshold=0.0, scale=0.5)
+    with torch.inference_mode():
+        got = mora_delta(x, A, B, backend="triton", **kwargs)
+        want = mora_delta(x, A, B, backend="torch", **kwargs)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert "no kernel for this GPU" in TritonBackend.disabled
+    assert "failed launch" in TritonBackend.prepare(_spec())
+    with pytest.raises(BackendUnavailable, match="failed launch"):
+        mora_delta(x, A, B, backend="triton", **kwargs)

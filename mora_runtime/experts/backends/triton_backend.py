@@ -11,20 +11,26 @@ largest budget is worked out at `prepare` from host values, so a layer's call re
 back from the device.
 
 On a machine without CUDA it runs only under TRITON_INTERPRET=1 (the CPU tests); the
-selector's "auto" considers it for CUDA forwards only.
+selector's "auto" considers it for CUDA forwards only. A launch that fails (the kernel does
+not compile for this GPU or this triton) is logged once, that call is served by the torch
+backend, and `prepare` refuses from then on: the process keeps serving on the tensor path.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from mora_runtime.experts.backends.base import AdaptedLayer, ForwardSpec, LayerBackend
+from mora_runtime.experts.backends.torch_backend import TorchBackend
 from mora_runtime.experts.routing import effective_top_k
+
+logger = logging.getLogger(__name__)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Output columns per program: wide enough to amortise each token's routing (which every
@@ -38,6 +44,8 @@ def _interpreting() -> bool:
 
 class TritonBackend(LayerBackend):
     name = "triton"
+    # Why this process stopped using the kernel (a failed launch), or None.
+    disabled: ClassVar[str | None] = None
 
     def __init__(self, spec: ForwardSpec, kernel: Any, k_max: int, meta: dict[str, Any]) -> None:
         super().__init__(spec)
@@ -55,6 +63,8 @@ class TritonBackend(LayerBackend):
     def prepare(cls, spec: ForwardSpec) -> TritonBackend | str:
         if importlib.util.find_spec("triton") is None:
             return "triton is not installed"
+        if cls.disabled is not None:
+            return f"disabled in this process after a failed launch ({cls.disabled})"
         if spec.device.type != "cuda" and not _interpreting():
             return "CUDA tensors only (or TRITON_INTERPRET=1)"
         if spec.training or spec.needs_grad or spec.trainable is not None:
@@ -77,6 +87,16 @@ class TritonBackend(LayerBackend):
         return cls(spec, triton_kernel.compiled(), _k_max(spec), meta)
 
     def apply(self, x: Tensor, y: Tensor, layer: AdaptedLayer) -> Tensor:
+        try:
+            return self._launch(x, y, layer)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as error:  # a kernel that cannot compile or launch here
+            TritonBackend.disabled = f"{type(error).__name__}: {error}"[:300]
+            logger.exception("Triton kernel failed; serving with the torch backend from now on")
+            return TorchBackend.prepare(self.spec).apply(x, y, layer)
+
+    def _launch(self, x: Tensor, y: Tensor, layer: AdaptedLayer) -> Tensor:
         spec, layout, meta = self.spec, self.spec.layout, self._meta
         assert layout is not None
         A, B, present = layer.weights(spec.num_slots)  # [N, D], [N, O], [N] | None
