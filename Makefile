@@ -28,8 +28,10 @@ $(VENV)/.installed: requirements.lock pyproject.toml | $(BIN)/python
 
 setup: $(VENV)/.installed
 
+# Nothing else runs during set-up, so the default CLIP trains on every core (the load-based
+# default would still count the kernels' build that just finished).
 models: setup
-	$(BIN)/mora models prepare
+	$(BIN)/mora models prepare --threads $$(nproc)
 
 # `mora serve` prepares what it serves: the LM first, the default CLIP in the background
 # (/classify answers 503, warming up, until it is ready), so completions serve sooner.

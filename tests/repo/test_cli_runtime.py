@@ -321,3 +321,12 @@ def test_serve_prepares_only_the_defaults_its_config_uses(
 def test_serve_with_missing_config_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert mora_main(["serve", "--config", str(tmp_path / "nope.yaml")]) == 1
     assert "config file" in capsys.readouterr().err
+
+
+def test_make_models_trains_the_clip_on_every_core() -> None:
+    # Set-up runs alone: the load-based default would count the kernels' build just before.
+    makefile = (REPO / "Makefile").read_text()
+    recipe = makefile.split("\nmodels:", 1)[1].split("\n\n", 1)[0].splitlines()[1].split()
+    assert recipe[0].endswith("/mora") and "$$(nproc)" in recipe
+    args = build_parser().parse_args([a.replace("$$(nproc)", "2") for a in recipe[1:]])
+    assert (args.models_command, args.only, args.threads) == ("prepare", None, 2)
