@@ -53,7 +53,10 @@ class LMSettings(_Strict):
     max_ongoing_requests: int = Field(96, ge=1)
     max_queued_requests: int = Field(64, ge=-1)
     num_cpus: float = Field(1.0, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
+    # GPUs Ray reserves per replica, fractions allowed; 0 serves on the CPU. None: automatic,
+    # the GPUs seen where the app is built shared among the automatic LM and CLIP replicas
+    # (serving/cluster/devices.py).
+    num_gpus: float | None = Field(None, ge=0)
     # Ray sets OMP_NUM_THREADS to a replica's num_cpus; torch then uses that many threads.
     # None: every core of the machine (one LM replica per node is the common layout).
     torch_threads: int | None = Field(None, ge=1)
@@ -69,7 +72,7 @@ class ClipSettings(_Strict):
     max_batch_size: int = Field(16, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0)
     num_cpus: float = Field(0.5, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
+    num_gpus: float | None = Field(None, ge=0)  # as LMSettings.num_gpus
     torch_threads: int | None = Field(None, ge=1)  # None: as Ray sets it (num_cpus)
     routing: RoutingSettings = RoutingSettings(
         top_k=CLIP_ROUTING.top_k, tau=CLIP_ROUTING.tau, threshold=CLIP_ROUTING.threshold

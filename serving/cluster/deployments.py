@@ -12,11 +12,9 @@ import logging
 import os
 import threading
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import ray
 from ray import serve
 from ray.serve import Application
 
@@ -24,97 +22,24 @@ from mora_runtime.engine.core import Engine
 from mora_runtime.engine.params import SamplingParams
 from mora_runtime.engine.types import EngineConfig, EngineOverloaded, TokenEvent
 from mora_runtime.experts.slots import RoutingConfig
+from serving.cluster.devices import gpus_present, resolve_gpus
 from serving.cluster.metrics import server_metrics
-from serving.cluster.protocol import HotLoadOp, Refusal, ReplicaDescription, ReplicaReport
-from serving.cluster.registry import RegistryState, registry_actor
+from serving.cluster.protocol import Refusal
+from serving.cluster.replica_base import ReplicaBase, set_torch_threads
 from serving.cluster.replica_pool import ReplicaPool
 from serving.config import ServerConfig
 from serving.http.backend import ClassifyResult
 
 logger = logging.getLogger(__name__)
 
-RECONCILE_INTERVAL_S = 2.0  # also refreshes gauges (Ray drops a gauge not set for ~20 s)
 # A warming CLIP replica looks for its model directory this often, and says it still waits
 # in its log every WARM_REMINDER_POLLS looks (a mistyped model_dir shows up there).
 WARM_POLL_S = 1.0
 WARM_REMINDER_POLLS = 60
 
 
-def _set_torch_threads(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-    logger.info("torch uses %d threads in this replica", threads)
-
-
 def _routing(settings) -> RoutingConfig:
     return RoutingConfig(settings.top_k, settings.tau, settings.threshold)
-
-
-class _ReplicaBase:
-    """What the LM and CLIP servers share: the pool's replica side and background sync."""
-
-    model_name: str
-    replica: ReplicaPool
-    # Set while the replica's model is not loaded yet (ClipServer): every call is answered
-    # with it, hot-load steps included, and the replica catches up with the registry in
-    # `_start_sync` once it has loaded.
-    warming: Refusal | None = None
-
-    async def _start_sync(self, store: str) -> None:
-        self.registry = registry_actor(store)
-        await self.replica.reconcile(await self.registry.state.remote())
-        self._sync_task = asyncio.get_running_loop().create_task(self._sync_forever())
-
-    async def _sync_forever(self) -> None:
-        while True:
-            try:
-                await self.replica.reconcile(await self.registry.state.remote())
-            except Exception:  # the next round retries; serving goes on with the old pool
-                logger.exception("reconciling with the registry failed")
-            self._refresh_gauges()
-            await asyncio.sleep(RECONCILE_INTERVAL_S)
-
-    def _refresh_gauges(self) -> None:
-        pool = self.replica.pool
-        server_metrics().set_pool(self.model_name, pool.num_experts, pool.version)
-        server_metrics().set_rss(self.model_name)
-
-    async def is_ready(self) -> bool:
-        """Whether the model is loaded and serving (the ingress's /health asks)."""
-        return self.warming is None
-
-    # hot-load protocol, called by the ingress through handle.broadcast
-    async def prepare(self, op: HotLoadOp) -> ReplicaReport | Refusal:
-        if self.warming is not None:
-            return self.warming
-        return await self.replica.prepare(op)
-
-    async def commit(self, op: HotLoadOp, state: RegistryState) -> ReplicaReport | Refusal:
-        if self.warming is not None:
-            return self.warming
-        result = await self.replica.commit(op, state)
-        self._refresh_gauges()
-        return result
-
-    async def abort(self, op_id: str) -> ReplicaReport | Refusal:
-        if self.warming is not None:
-            return self.warming
-        return await self.replica.abort(op_id)
-
-    async def sync(self, state: RegistryState) -> ReplicaReport | Refusal:
-        if self.warming is not None:
-            return self.warming
-        result = await self.replica.sync(state)
-        self._refresh_gauges()
-        return result
-
-    async def describe_pool(self) -> ReplicaDescription | Refusal:
-        if self.warming is not None:
-            return self.warming
-        # The node lets an operator (and tests/integration/test_cluster.py) see where each
-        # replica runs and which ones a lost node took with it.
-        return replace(self.replica.describe(), node_id=ray.get_runtime_context().get_node_id())
 
 
 async def event_batches(
@@ -135,7 +60,7 @@ async def event_batches(
 
 
 @serve.deployment(name="LMServer")
-class LMServer(_ReplicaBase):
+class LMServer(ReplicaBase):
     """One causal LM, its expert pool, and the continuous-batching engine."""
 
     async def __init__(self, config: dict[str, Any]) -> None:
@@ -145,10 +70,11 @@ class LMServer(_ReplicaBase):
 
         cfg = ServerConfig.model_validate(config)
         self.model_name = cfg.lm.served_name
-        _set_torch_threads(cfg.lm.torch_threads or os.cpu_count() or 1)
+        set_torch_threads(cfg.lm.torch_threads or os.cpu_count() or 1)
+        self._pick_device("LM", cfg.lm.num_gpus)
 
         def build() -> tuple[Any, Any]:
-            lm = load_causal_lm(cfg.lm.model_dir, weights=cfg.lm.weights)
+            lm = load_causal_lm(cfg.lm.model_dir, weights=cfg.lm.weights, device=self.device)
             pool = patch_model(
                 lm.model,
                 cfg.lm.targets,
@@ -185,6 +111,7 @@ class LMServer(_ReplicaBase):
             # The edge refuses ids at or past it before they reach the engine.
             "vocab_size": self.engine.vocab_size,
             "weights": lm.weights,
+            "device": self.device,
         }
         logger.info("LM replica %s ready: %s", self.replica.replica_id, lm.model_dir)
 
@@ -246,7 +173,7 @@ def clip_dir_ready(directory: Path) -> bool:
 
 
 @serve.deployment(name="ClipServer")
-class ClipServer(_ReplicaBase):
+class ClipServer(ReplicaBase):
     """CLIP zero-shot classification with the pool on both towers; requests are batched.
 
     A replica whose model directory is not there yet (the default CLIP still being prepared
@@ -265,8 +192,9 @@ class ClipServer(_ReplicaBase):
         configured = cfg.clip.model_dir
         self.model_dir = default_clip_dir() if configured is None else Path(configured).expanduser()
         self.load_error: str | None = None
+        self._pick_device("CLIP", cfg.clip.num_gpus)
         if cfg.clip.torch_threads:
-            _set_torch_threads(cfg.clip.torch_threads)
+            set_torch_threads(cfg.clip.torch_threads)
         # All torch work of this replica (loading, batches, pool mutations) on one thread:
         # each thread that runs torch ops keeps an OpenMP pool of its own, and two of them
         # slow every op (mora_runtime/cpu/openmp.py). One worker also serialises batches and
@@ -288,7 +216,9 @@ class ClipServer(_ReplicaBase):
 
         cfg = self.cfg
         loop = asyncio.get_running_loop()
-        loaded = await loop.run_in_executor(self._torch, load_clip, cfg.clip.model_dir)
+        loaded = await loop.run_in_executor(
+            self._torch, lambda: load_clip(cfg.clip.model_dir, device=self.device)
+        )
         self.classifier = ClipClassifier(loaded)
         pool = await loop.run_in_executor(
             self._torch,
@@ -380,7 +310,9 @@ def build_app(args: dict[str, Any]) -> Application:
     from serving.cluster.ingress import MoraIngress
 
     cfg = ServerConfig.model_validate(args).resolved()
-    config = cfg.model_dump()
+    if cfg.lm.num_gpus is None or cfg.clip.num_gpus is None:
+        cfg = resolve_gpus(cfg, gpus_present())
+    config = cfg.model_dump()  # the replicas see the resolved GPU counts
     lm = clip = None
     if cfg.lm.enabled:
         lm = LMServer.options(

@@ -90,13 +90,23 @@ class RayLMBackend:
     """`LMBackend` over the LM deployment's handle."""
 
     def __init__(
-        self, handle: Any, tokenizer: Any, model_name: str, max_context: int, vocab_size: int
+        self,
+        handle: Any,
+        tokenizer: Any,
+        model_name: str,
+        max_context: int,
+        vocab_size: int,
+        device: str = "cpu",
     ) -> None:
         self.handle = handle.options(stream=True)
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_context = max_context
         self.vocab_size = vocab_size
+        self._device = device  # the replica's model_info said so at start
+
+    async def device(self) -> str:
+        return self._device
 
     async def tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer(text)["input_ids"])
@@ -163,6 +173,14 @@ class RayClipBackend:
         self.handle = handle
         self.model_name = model_name
         self._loaded = False  # every replica said it was ready once: warming is over
+        self._device: str | None = None
+
+    async def device(self) -> str:
+        """The device a replica picked (all of a deployment reserve the same GPUs); asked
+        once, then remembered."""
+        if self._device is None:
+            self._device = str(await self.handle.device_name.remote())
+        return self._device
 
     async def ready(self) -> bool:
         """Whether every running replica has loaded the model. Warming happens once, at
@@ -216,7 +234,12 @@ class MoraIngress:
             info = await lm_handle.model_info.remote()
             tokenizer = AutoTokenizer.from_pretrained(info["model_dir"], local_files_only=True)
             self.lm = RayLMBackend(
-                lm_handle, tokenizer, cfg.lm.served_name, info["max_context"], info["vocab_size"]
+                lm_handle,
+                tokenizer,
+                cfg.lm.served_name,
+                info["max_context"],
+                info["vocab_size"],
+                info.get("device", "cpu"),
             )
             handles["causal_lm"] = lm_handle
         if clip_handle is not None:

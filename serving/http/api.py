@@ -11,9 +11,9 @@ import asyncio
 import hmac
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -50,6 +50,7 @@ from serving.http.responses import (
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
 ENDPOINTS = ("/v1/completions", "/v1/models", "/classify", "/v1/experts", "/health")
 # /health waits this long for a backend's readiness; past it the model counts as not ready.
 READY_TIMEOUT_S = 1.5
@@ -318,21 +319,31 @@ def _misc_router(state: AppState) -> APIRouter:
         # The app exists only once its LM has loaded (the ingress asks it for its tokenizer
         # first), so the LM names are ready; a CLIP may still be warming up.
         ready = dict.fromkeys(state.lm_names, True)
-        if state.clip is not None:
-            ready[state.clip.model_name] = await _ready(state.clip)
-        return HealthResponse(models=list(state.model_names), ready=ready)
+        devices: dict[str, str] = {}
+        if state.lm is not None and (device := await _bounded(state.lm.device(), None)):
+            devices.update(dict.fromkeys(state.lm_names, device))
+        if (clip := state.clip) is not None:
+            # Asked together, so a replica that does not answer costs one timeout.
+            loaded, device = await asyncio.gather(
+                _bounded(clip.ready(), False), _bounded(clip.device(), None)
+            )
+            ready[clip.model_name] = bool(loaded)
+            if device:
+                devices[clip.model_name] = device
+        return HealthResponse(models=list(state.model_names), ready=ready, devices=devices)
 
     return routes
 
 
-async def _ready(clip: ClipBackend) -> bool:
-    """The backend's readiness, bounded: a health probe must answer even when a replica
-    does not."""
+async def _bounded(answer: Awaitable[T], default: T | None) -> T | None:
+    """A backend's answer for /health, bounded: a health probe must answer even when a
+    replica does not. One that fails or comes late counts as `default` (not ready, device
+    unknown)."""
     try:
-        return bool(await asyncio.wait_for(clip.ready(), READY_TIMEOUT_S))
-    except Exception:  # a replica that cannot say is not ready; the probe still answers
-        logger.debug("readiness of %s unknown", clip.model_name, exc_info=True)
-        return False
+        return await asyncio.wait_for(answer, READY_TIMEOUT_S)
+    except Exception:  # a replica that cannot say: the probe still answers
+        logger.debug("a backend did not answer /health", exc_info=True)
+        return default
 
 
 def _method_not_allowed(routes: list[BaseRoute]) -> Callable[[Request, Exception], Any]:

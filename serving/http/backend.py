@@ -59,6 +59,11 @@ class LMBackend(Protocol):
 
     async def detokenize(self, ids: list[int]) -> str: ...
 
+    async def device(self) -> str:
+        """The torch device the model serves on ("cpu", "cuda:0"), for /health; answered
+        quickly (bounded there like `ClipBackend.ready`)."""
+        ...
+
     def generate(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, *, stream: bool
     ) -> AsyncIterator[TokenEvent]:
@@ -79,6 +84,11 @@ class ClipBackend(Protocol):
     async def ready(self) -> bool:
         """Whether the model is loaded and classifies. Must answer quickly: /health bounds
         it and counts an answer that comes late as not ready."""
+        ...
+
+    async def device(self) -> str:
+        """The torch device the model serves (or, warming, will serve) on, for /health;
+        bounded there like `ready`."""
         ...
 
     async def classify(

@@ -111,6 +111,12 @@ class HealthResponse(BaseModel):
         description="Per served model name: true once the model is loaded and answers; false "
         "while it warms up (its requests get a 503 with Retry-After meanwhile)"
     )
+    devices: dict[str, str] = Field(
+        default_factory=dict,
+        description="Per served model name: the torch device its replicas serve on, "
+        '"cpu" or "cuda:0" (each replica sees the GPUs Ray gave it from 0); a model whose '
+        "replica did not say in time is left out",
+    )
 
 
 class LabelScore(BaseModel):

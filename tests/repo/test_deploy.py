@@ -17,14 +17,18 @@ REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 SERVE_YAML = DEPLOY / "serve.yaml"
 RAYSERVICE = DEPLOY / "kuberay" / "rayservice.yaml"
+SERVE_GPU_YAML = DEPLOY / "serve-gpu.yaml"
+RAYSERVICE_GPU = DEPLOY / "kuberay" / "rayservice-gpu.yaml"
+# The GPU variants differ from their CPU files in these settings only (their headers say so).
+GPU_SECTIONS = {"lm": {"num_gpus": 0.75}, "clip": {"num_gpus": 0.25}}
 DASHBOARD = DEPLOY / "grafana" / "mora.json"
 CLUSTER_STORE = "/mnt/mora-experts"
 # Documented differences between serve.yaml and the RayService (see rayservice.yaml's header).
 CLUSTER_OVERRIDES = {"expert_store": CLUSTER_STORE}
 # Per-section differences: cluster resources, and the ingress bound that autoscaling needs.
 CLUSTER_SECTIONS = {
-    "lm": {"num_cpus": 4},
-    "clip": {"num_cpus": 1},
+    "lm": {"num_cpus": 4, "num_gpus": 0},
+    "clip": {"num_cpus": 1, "num_gpus": 0},
     "limits": {"max_inflight_completions": 384},
 }
 # Grafana's built-in variables, replaced the way Grafana would before Prometheus sees them.
@@ -35,17 +39,17 @@ def serve_config() -> dict[str, Any]:
     return yaml.safe_load(SERVE_YAML.read_text())
 
 
-def rayservice_docs() -> list[dict[str, Any]]:
-    return [d for d in yaml.safe_load_all(RAYSERVICE.read_text()) if d]
+def rayservice_docs(path: Path = RAYSERVICE) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
 
 
-def rayservice() -> dict[str, Any]:
-    (service,) = [d for d in rayservice_docs() if d["kind"] == "RayService"]
+def rayservice(path: Path = RAYSERVICE) -> dict[str, Any]:
+    (service,) = [d for d in rayservice_docs(path) if d["kind"] == "RayService"]
     return service
 
 
-def cluster_serve_config() -> dict[str, Any]:
-    return yaml.safe_load(rayservice()["spec"]["serveConfigV2"])
+def cluster_serve_config(path: Path = RAYSERVICE) -> dict[str, Any]:
+    return yaml.safe_load(rayservice(path)["spec"]["serveConfigV2"])
 
 
 def app_of(config: dict[str, Any]) -> dict[str, Any]:
@@ -262,3 +266,40 @@ def test_dashboard_promql_is_balanced(title: str, expr: str) -> None:
         assert depth >= 0, title
     assert depth == 0 and expr.count("[") == expr.count("]"), title
     assert expr.count('"') % 2 == 0, title
+
+
+# ----------------------------------------------------------------------------- GPU variants
+def with_sections(args: dict[str, Any], sections: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {**args, **{name: {**args[name], **values} for name, values in sections.items()}}
+
+
+def test_serve_yaml_leaves_gpus_automatic_and_the_gpu_variant_reserves_them() -> None:
+    assert (load_config(SERVE_YAML).lm.num_gpus, load_config(SERVE_YAML).clip.num_gpus) == (
+        None,
+        None,
+    )
+    gpu = load_config(SERVE_GPU_YAML)
+    assert (gpu.lm.num_gpus, gpu.clip.num_gpus) == (0.75, 0.25)
+    assert gpu.lm.num_gpus + gpu.clip.num_gpus <= 1  # both fit one GPU
+    local, variant = yaml.safe_load(SERVE_GPU_YAML.read_text()), serve_config()
+    assert app_of(local)["args"] == with_sections(app_of(variant)["args"], GPU_SECTIONS)
+    assert local["http_options"] == variant["http_options"]
+
+
+def test_the_gpu_rayservice_is_the_rayservice_with_gpu_workers() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    cpu, gpu = cluster_serve_config(), cluster_serve_config(RAYSERVICE_GPU)
+    ServeDeploySchema.model_validate(gpu)
+    assert app_of(gpu)["args"] == with_sections(app_of(cpu)["args"], GPU_SECTIONS)
+    assert app_of(gpu)["deployments"] == app_of(cpu)["deployments"]
+    cfg = config_from_mapping(gpu)
+    assert (cfg.lm.num_gpus, cfg.clip.num_gpus) == (0.75, 0.25)
+    cluster = rayservice(RAYSERVICE_GPU)["spec"]["rayClusterConfig"]
+    (group,) = cluster["workerGroupSpecs"]
+    (container,) = group["template"]["spec"]["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in head["resources"]["limits"]
+    for path in (SERVE_GPU_YAML, RAYSERVICE_GPU):
+        assert not re.search(r"^\s*(admin_token|api_token)\s*:", path.read_text(), re.M)

@@ -92,6 +92,7 @@ class FakeLM:
     """
 
     model_name = "fake-lm"
+    device_name = "cpu"  # what device() answers (/health)
 
     def __init__(
         self,
@@ -118,6 +119,9 @@ class FakeLM:
 
     async def tokenize(self, text: str) -> list[int]:
         return encode(text)
+
+    async def device(self) -> str:
+        return self.device_name
 
     async def detokenize(self, ids: list[int]) -> str:
         return decode(ids)
@@ -200,6 +204,7 @@ class FakeClip:
     def __init__(self, delay_s: float = 0.0, *, ready_delay_s: float = 0.0) -> None:
         self.delay_s = delay_s
         self.is_ready = True
+        self.device_name = "cpu"
         self.ready_delay_s = ready_delay_s
         self.calls: list[tuple[list[tuple[int, int]], list[str] | None, MoraOverrides | None]]
         self.calls = []
@@ -207,6 +212,10 @@ class FakeClip:
     async def ready(self) -> bool:
         await asyncio.sleep(self.ready_delay_s)
         return self.is_ready
+
+    async def device(self) -> str:
+        await asyncio.sleep(self.ready_delay_s)
+        return self.device_name
 
     async def classify(
         self, images: list[Image.Image], labels: list[str] | None, mora: MoraOverrides | None

@@ -21,7 +21,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from serving.cluster import deployments, ingress
+from serving.cluster import deployments, ingress, replica_base
 from serving.cluster.protocol import WARMING_RETRY_AFTER_S, HotLoadOp, Refusal, ReplicaReport
 from serving.config import ServerConfig
 from serving.http.backend import ClassifyResult
@@ -138,7 +138,7 @@ def replica_cls(monkeypatch: pytest.MonkeyPatch) -> type:
     async def start_sync(self: Any, store: str) -> None:
         self.synced_with = store
 
-    monkeypatch.setattr(deployments._ReplicaBase, "_start_sync", start_sync)
+    monkeypatch.setattr(replica_base.ReplicaBase, "_start_sync", start_sync)
     monkeypatch.setattr(deployments, "WARM_POLL_S", 0.01)
     return deployments.ClipServer.func_or_class
 
