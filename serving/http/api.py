@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -19,7 +18,6 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.routing import BaseRoute, Match
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.config import LimitSettings, RoutingSettings, ServerConfig
 from serving.http import routes_classify, routes_completions, routes_experts
@@ -30,11 +28,11 @@ from serving.http.errors import (
     ModelNotFound,
     NotFound,
     Overloaded,
-    PayloadTooLarge,
     Unauthorized,
     UnsupportedMedia,
     install_error_handlers,
 )
+from serving.http.middleware import BodyLimit, RequestMetrics
 from serving.http.openapi import errors, install_openapi
 from serving.http.protocol import (
     ClassifyRequest,
@@ -51,7 +49,6 @@ from serving.http.responses import (
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-ENDPOINTS = ("/v1/completions", "/v1/models", "/classify", "/v1/experts", "/health")
 # /health waits this long for a backend's readiness; past it the model counts as not ready.
 READY_TIMEOUT_S = 1.5
 
@@ -201,66 +198,6 @@ def _bearer_matches(request: Request, expected: str) -> bool:
     if scheme.lower() != "bearer":
         return False
     return hmac.compare_digest(token.strip().encode(), expected.encode())
-
-
-class BodyLimit:
-    """Refuses bodies over `max_bytes` (413) by Content-Length, or while they stream in."""
-
-    def __init__(
-        self, app: ASGIApp, max_bytes: int, per_path: dict[str, int] | None = None
-    ) -> None:
-        self.app, self.max_bytes, self.per_path = app, max_bytes, per_path or {}
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path = scope["path"].rstrip("/") or "/"
-        limit = min(self.max_bytes, self.per_path.get(path, self.max_bytes))
-        too_large = PayloadTooLarge(f"The request body exceeds {limit} bytes.")
-        length = dict(scope["headers"]).get(b"content-length", b"").decode() or "0"
-        if not length.isdigit() or int(length) > limit:
-            await too_large.response()(scope, receive, send)
-            return
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise too_large
-            return message
-
-        await self.app(scope, limited, send)
-
-
-class RequestMetrics:
-    """Reports every HTTP request (status, seconds to the end of its body) to the hook."""
-
-    def __init__(self, app: ASGIApp, metrics: MetricsHook) -> None:
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path = scope["path"].rstrip("/") or "/"
-        endpoint = next((e for e in ENDPOINTS if path == e or path.startswith(e + "/")), "other")
-        started = time.perf_counter()
-        status = 500
-
-        async def record(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, record)
-        finally:
-            self.metrics.request_finished(endpoint, status, time.perf_counter() - started)
 
 
 def create_app(

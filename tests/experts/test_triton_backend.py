@@ -18,6 +18,7 @@ from mora_runtime.experts.backends.triton_backend import TritonBackend
 from mora_runtime.experts.context import ForwardContext
 from mora_runtime.experts.routing import mora_delta, reference_delta
 from mora_runtime.experts.slots import ExpertSetEntry, PoolSnapshot, RoutingConfig
+from tests.experts.test_backends import _spec
 from tests.experts.test_routing import SETTINGS, make_case
 
 pytest.importorskip("triton")
@@ -147,21 +148,6 @@ def test_statistics_off_when_the_context_does_not_record():
     want = reference_delta(x.double(), A.double(), B.double(), top_k=4, tau=0.3, threshold=0.0)
     torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-4)
     assert ctx.slot_hits(layout) is None
-
-
-def _spec(**overrides):
-    snapshot = PoolSnapshot(1, tuple(range(16)), ())
-    layout = ForwardContext([snapshot]).layout(4, 1, 16, torch.device("cpu"))
-    fields = dict(
-        num_slots=16,
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-        routing=RoutingConfig(),
-        slot_scale=torch.ones(16),
-        layout=layout,
-    )
-    fields.update(overrides)
-    return ForwardSpec(**fields)
 
 
 def test_auto_never_picks_triton_on_a_cpu(monkeypatch):

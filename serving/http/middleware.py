@@ -1,0 +1,74 @@
+"""ASGI middlewares of the HTTP app: the body-size limit (413 before a body is read or
+parsed, chunked bodies counted as they stream in) and per-request metrics."""
+
+from __future__ import annotations
+
+import time
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serving.http.backend import MetricsHook
+from serving.http.errors import PayloadTooLarge
+
+# Endpoints named in request metrics (a bounded label set); any other path is "other".
+ENDPOINTS = ("/v1/completions", "/v1/models", "/classify", "/v1/experts", "/health")
+
+
+class BodyLimit:
+    """Refuses bodies over `max_bytes` (413) by Content-Length, or while they stream in."""
+
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, per_path: dict[str, int] | None = None
+    ) -> None:
+        self.app, self.max_bytes, self.per_path = app, max_bytes, per_path or {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"].rstrip("/") or "/"
+        limit = min(self.max_bytes, self.per_path.get(path, self.max_bytes))
+        too_large = PayloadTooLarge(f"The request body exceeds {limit} bytes.")
+        length = dict(scope["headers"]).get(b"content-length", b"").decode() or "0"
+        if not length.isdigit() or int(length) > limit:
+            await too_large.response()(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise too_large
+            return message
+
+        await self.app(scope, limited, send)
+
+
+class RequestMetrics:
+    """Reports every HTTP request (status, seconds to the end of its body) to the hook."""
+
+    def __init__(self, app: ASGIApp, metrics: MetricsHook) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"].rstrip("/") or "/"
+        endpoint = next((e for e in ENDPOINTS if path == e or path.startswith(e + "/")), "other")
+        started = time.perf_counter()
+        status = 500
+
+        async def record(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record)
+        finally:
+            self.metrics.request_finished(endpoint, status, time.perf_counter() - started)
