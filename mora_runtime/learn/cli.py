@@ -112,6 +112,12 @@ def _register_learn(subparsers: Any) -> None:
         "{}.\"); stored in the set. Default: the bundled domain's own when every class is one "
         "domain's, else the classifier's default",
     )
+    parser.add_argument(
+        "--device",
+        metavar="DEVICE",
+        help="where to learn: cpu, cuda or cuda:N (default: cuda when torch sees a GPU, else "
+        "cpu); the set written is the same format either way",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing set")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     lm, clip = ROUTING_DEFAULTS["causal_lm"], ROUTING_DEFAULTS["clip"]
@@ -148,12 +154,14 @@ def _cmd_learn(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         threads=args.threads,
         prompt_template=args.prompt_template,
+        device=args.device,
     )
     training = result.expert_set.meta.training
     print(
         f"expert set '{args.name}' written to {result.path}: {len(result.expert_set.tensors)} "
         f"modules x rank {cfg.rank}, {training['steps']} steps in {training['seconds']:.1f} s, "
-        f"loss {training['first_loss']:.4f} -> {training['final_loss']:.4f}, seed {cfg.seed}"
+        f"loss {training['first_loss']:.4f} -> {training['final_loss']:.4f}, seed {cfg.seed}, "
+        f"on {training['device']}"
         + ("" if args.seed is not None else " (drawn; pass --seed to repeat the run)")
     )
     args.written = result.path  # for hooks that act on the new set (`serving.cli`: --load)

@@ -151,6 +151,29 @@ class LearnResult:
     expert_set: ExpertSet
 
 
+def learn_device(requested: str | torch.device | None = None) -> torch.device:
+    """The device a task learns on: `requested`, else CUDA when torch sees a GPU, else the CPU.
+
+    A device that is malformed or that this machine lacks is a `ValueError` naming it, raised
+    before any model loads (not a CUDA error from deep inside the first forward)."""
+    if requested is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError as error:
+        raise ValueError(f"--device {requested!r} is not a torch device: {error}") from error
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {requested}: torch sees no CUDA device on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"--device {requested}: torch sees {torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif device.type != "cpu":
+        raise ValueError(f"--device {requested}: learning runs on cpu or cuda")
+    return device
+
+
 def learn_from_files(
     kind: str,
     data_path: str | os.PathLike[str],
@@ -164,19 +187,33 @@ def learn_from_files(
     progress: bool = True,
     threads: int | None = None,
     prompt_template: str | None = None,
+    device: str | torch.device | None = None,
 ) -> LearnResult:
     """`mora learn`: base model + frozen pool + data -> a new expert set saved at `out`.
 
     `threads`: intra-op threads (None: the cores other processes leave free).
-    `prompt_template`: a CLIP task's template (see `task_template`)."""
+    `prompt_template`: a CLIP task's template (see `task_template`).
+    `device`: where the model, the pool and the new experts live (see `learn_device`); the
+    saved set is the same format either way (its tensors are moved to the CPU)."""
     if Path(out).exists() and not overwrite:
         raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
     if prompt_template is not None and KIND_ALIASES.get(kind) != "clip":
         raise ValueError("a prompt template is for CLIP tasks only")
     check_prompt_template(prompt_template)  # before any model loads
+    target = learn_device(device)
     with thread_budget(threads):
         return _learn_from_files(
-            kind, data_path, name, out, base, pool_dirs, cfg, overwrite, progress, prompt_template
+            kind,
+            data_path,
+            name,
+            out,
+            base,
+            pool_dirs,
+            cfg,
+            overwrite,
+            progress,
+            prompt_template,
+            target,
         )
 
 
@@ -191,6 +228,7 @@ def _learn_from_files(
     overwrite: bool,
     progress: bool,
     prompt_template: str | None,
+    device: torch.device,
 ) -> LearnResult:
     model_kind = KIND_ALIASES.get(kind)
     if model_kind is None:
@@ -198,13 +236,19 @@ def _learn_from_files(
     cfg = cfg or defaults_for(kind)
     out = Path(out)
     torch.manual_seed(cfg.seed)
-    extra = {"data": str(data_path), "base_model_dir": None if base is None else str(base)}
+    extra = {
+        "data": str(data_path),
+        "base_model_dir": None if base is None else str(base),
+        "device": device.type,
+    }
     if model_kind == "causal_lm":
         examples = read_lm_jsonl(data_path)  # validate the data before loading any model
         from mora_runtime.experts.patching import patch_model
         from mora_runtime.models.lm import load_causal_lm
 
-        lm = load_causal_lm(base, device="cpu", dtype=torch.float32)
+        # float32 on every device, as on the CPU: where a set was learned changes its
+        # values by rounding only, not by the precision of its gradients.
+        lm = load_causal_lm(base, device=device, dtype=torch.float32)
         lm.model.requires_grad_(False)
         pool = patch_model(lm.model, routing=cfg.routing)
         load_pool_sets(lm.model, pool, pool_dirs, model_kind)
@@ -216,7 +260,7 @@ def _learn_from_files(
         from mora_runtime.models.clip import ClipClassifier
         from mora_runtime.models.clip_loading import load_clip
 
-        classifier = ClipClassifier(load_clip(base, device="cpu"))
+        classifier = ClipClassifier(load_clip(base, device=device, dtype=torch.float32))
         pool = classifier.patch(cfg.routing)
         load_pool_sets(classifier.clip.model, pool, pool_dirs, model_kind)
         expert_set = learn_clip(
