@@ -13,7 +13,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 PYTEST_ARGS ?=
 
-.PHONY: setup models run test test-fast lint bench demo observe clean
+.PHONY: setup models run test test-fast lint bench bench-peers demo observe clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,12 @@ lint: setup
 bench: models
 	$(BIN)/python benchmarks/routing.py
 	$(BIN)/python benchmarks/decode.py
+
+# llama.cpp's llama-server (built once into the cache from the pinned llama-cpp-python sdist)
+# against `mora serve` on the same GGUF; not part of `make test`. Quick smoke run:
+# `.venv/bin/python benchmarks/peers.py --quick`.
+bench-peers: models
+	$(BIN)/python benchmarks/peers.py
 
 # Learn one LM task and one CLIP task, hot-load both into a server it starts, show the change.
 demo: models
