@@ -43,7 +43,7 @@ def prefill(engine: Engine, seqs: list[_Sequence]) -> dict[str, tuple[float, ...
     # Everything that may fail comes before the first change to the engine's state, so a
     # failed prefill can be retried on fewer rows (isolation.py).
     logits, routing = forward(
-        engine.model,
+        engine.runner,
         engine.pool,
         seqs,
         inputs.ids,

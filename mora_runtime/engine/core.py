@@ -33,6 +33,7 @@ from torch import Tensor
 
 from mora_runtime.cpu.openmp import in_fresh_thread
 from mora_runtime.engine.batch import retire_rows
+from mora_runtime.engine.forward import select_runner
 from mora_runtime.engine.isolation import decode_isolated, end_with_error, prefill_isolated
 from mora_runtime.engine.kv_cache import BatchKVCache
 from mora_runtime.engine.params import SamplingParams
@@ -93,6 +94,7 @@ class Engine:
         self._exclusive: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]]
         self._exclusive = collections.deque()
         self.prefix_cache = PrefixCache(self.config.prefix_cache_blocks)
+        self.runner = select_runner(model, self.config.forward)
 
     # ------------------------------------------------------------------ public API
     @property

@@ -12,7 +12,10 @@ Shape legend: n = sequences in the pass, C = cached prefix columns, P = prompt l
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -25,13 +28,51 @@ from mora_runtime.engine.types import _Sequence
 from mora_runtime.experts.context import ForwardContext, forward_context
 from mora_runtime.experts.pool import ExpertPool
 from mora_runtime.experts.stats import StepRouting
+from mora_runtime.models.llama.model import compact_forward
 
 if TYPE_CHECKING:
     from mora_runtime.engine.core import Engine
 
+logger = logging.getLogger(__name__)
+
+
+Runner = Callable[..., Tensor]  # (ids, mask, positions, cache, logits_to_keep) -> logits
+
+
+def select_runner(model: torch.nn.Module, choice: str = "auto") -> Runner:
+    """What runs the engine's forwards of `model`: the compact forward where `choice` is
+    "auto" and the model is of the Llama family, else HF's own forward."""
+    if choice not in ("auto", "hf"):
+        raise ValueError(f"forward must be 'auto' or 'hf', got {choice!r}")
+    if choice == "auto":
+        compact = compact_forward(model)
+        if compact is not None:
+            logger.info("engine forward: compact (%s)", type(model).__name__)
+            return compact
+    logger.info("engine forward: Hugging Face (%s)", type(model).__name__)
+    return partial(_hf_forward, model)
+
+
+def _hf_forward(
+    model: torch.nn.Module,
+    ids: Tensor,
+    mask: Tensor,
+    positions: Tensor,
+    cache: BatchKVCache,
+    logits_to_keep: int,
+) -> Tensor:
+    return model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=logits_to_keep,
+    ).logits
+
 
 def forward(
-    model: torch.nn.Module,
+    runner: Runner,
     pool: ExpertPool | None,
     seqs: list[_Sequence],
     ids: Tensor,
@@ -44,16 +85,9 @@ def forward(
 ) -> tuple[Tensor, StepRouting | None]:
     """The logits of `seqs` (all positions with `all_logits`, else the last) and, on a
     patched model, the routing statistics of the pass."""
-    kwargs: dict[str, Any] = dict(
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=positions,
-        cache=cache,
-        use_cache=True,
-        logits_to_keep=0 if all_logits else 1,
-    )
+    keep = 0 if all_logits else 1
     if pool is None:
-        return model(**kwargs).logits, None
+        return runner(ids, mask, positions, cache, keep), None
     ctx = ForwardContext(
         [s.snapshot for s in seqs],
         top_k=_overrides(seqs, "top_k", pool.routing.top_k),
@@ -61,7 +95,7 @@ def forward(
         valid_tokens=valid,
     )
     with forward_context(pool, ctx):
-        logits = model(**kwargs).logits
+        logits = runner(ids, mask, positions, cache, keep)
     return logits, ctx.collect()
 
 
@@ -182,7 +216,7 @@ def decode_forward(
     (logits [n, 1, V], the step's routing, the mask with the new column [n, L + 1])."""
     ids, positions, mask = decode_inputs(seqs, mask, engine.device)
     logits, routing = forward(
-        engine.model,
+        engine.runner,
         engine.pool,
         seqs,
         ids,

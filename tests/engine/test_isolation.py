@@ -17,17 +17,24 @@ MAX_STEPS = 200  # bounded loops: a request that never ends fails the test inste
 
 def poison(model: torch.nn.Module, *, token: int | None = None, position: int | None = None):
     """Make the model's forward raise when `token` is among its input ids, or when a position
-    id reaches `position`: a failure only some sequences of a batch bring."""
-    original = model.forward
+    id reaches `position`: a failure only some sequences of a batch bring. Planted in the
+    embedding and the rotary tables, which every forward of a Llama model calls (HF's and
+    the engine's compact one alike)."""
+    embed, rotary = model.get_input_embeddings(), model.model.rotary_emb
+    embed_forward, rotary_forward = embed.forward, rotary.forward
 
-    def forward(*args, input_ids, position_ids, **kwargs):
-        if token is not None and bool((input_ids == token).any()):
+    def embedding(ids):
+        if token is not None and bool((ids == token).any()):
             raise IndexError("poisoned token in the batch")
+        return embed_forward(ids)
+
+    def rotary_tables(x, position_ids):
         if position is not None and bool((position_ids >= position).any()):
             raise RuntimeError("poisoned position in the batch")
-        return original(*args, input_ids=input_ids, position_ids=position_ids, **kwargs)
+        return rotary_forward(x, position_ids)
 
-    model.forward = forward
+    embed.forward = embedding
+    rotary.forward = rotary_tables
 
 
 def with_pool(model: torch.nn.Module):
