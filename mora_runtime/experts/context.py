@@ -8,6 +8,10 @@ writes into preallocated buffers that `collect()` reduces in one go: at decode b
 the fixed cost of small tensor operations, repeated over every adapted layer, is what the
 pool would otherwise add to a step.
 
+Nothing between the first adapted layer and `collect()` waits for the device: the layout's
+host values go to the device as asynchronous copies and the statistics stay in device
+buffers, so on a GPU the host only queues work; `collect()` is the forward's one read-back.
+
 Shape legend: S = sequences in the forward, T = tokens, N = slots, K = kept experts,
 L = adapted layers that recorded.
 """
@@ -153,7 +157,8 @@ class ForwardContext:
             return None
         mask = None
         if not all(s.slots == tuple(range(num_slots)) for s in self.snapshots):
-            mask = torch.stack([s.mask(num_slots, device) for s in self.snapshots])  # [S, N]
+            host = torch.stack([s.mask(num_slots) for s in self.snapshots])  # [S, N]
+            mask = to_device(host, device)
         return Layout(
             num_tokens=num_tokens,
             num_slots=num_slots,
@@ -171,12 +176,14 @@ class ForwardContext:
                 raise ValueError(
                     f"token_seq has {self.token_seq.numel()} entries for {num_tokens} tokens"
                 )
-            return self.token_seq.to(device=device, dtype=torch.long).contiguous()
+            return to_device(self.token_seq.to(dtype=torch.long), device).contiguous()
         if self.num_sequences == 1:
             return torch.zeros(num_tokens, dtype=torch.long, device=device)
         if batch_rows == self.num_sequences and num_tokens % batch_rows == 0:
             per_row = num_tokens // batch_rows
-            return torch.arange(batch_rows, device=device).repeat_interleave(per_row)
+            rows = torch.arange(batch_rows, device=device)  # [S]
+            # expand, not repeat_interleave: that sizes its output on the device (a sync).
+            return rows.unsqueeze(1).expand(batch_rows, per_row).reshape(-1)
         raise ValueError(
             f"{self.num_sequences} snapshots for a batch of {batch_rows} rows: "
             "pass token_seq to map tokens to sequences"
@@ -186,7 +193,7 @@ class ForwardContext:
     def _per_seq(values, device: torch.device, dtype: torch.dtype) -> Tensor | None:
         if values is None:
             return None
-        return torch.as_tensor(list(values), device=device, dtype=dtype)
+        return to_device(torch.as_tensor(list(values), dtype=dtype), device)
 
     # ------------------------------------------------------------------ recording
     def _recorder(self, layout: Layout) -> _Recorder:
@@ -207,7 +214,8 @@ class ForwardContext:
         if "valid" not in layout.extras:
             valid = self.valid_tokens
             if valid is not None:
-                valid = valid.to(layout.seq.device, torch.bool).reshape(-1).contiguous()
+                valid = to_device(valid.to(dtype=torch.bool), layout.seq.device)
+                valid = valid.reshape(-1).contiguous()
                 if valid.numel() != layout.num_tokens:  # another tower's tokens: all count
                     valid = None
             layout.extras["valid"] = valid
@@ -251,47 +259,87 @@ class ForwardContext:
         valid = self.valid_mask(layout)
         if valid is not None:
             active = active & valid.unsqueeze(1)
-        rows = layout.seq.unsqueeze(1).expand_as(routing.slots)  # [T, K]
-        hits.index_put_((rows, routing.slots), active.long(), accumulate=True)
+        # index_add_ into the flat [S * N] view: an accumulating index_put_ may sort its
+        # indices, which on a GPU can read sizes back from the device.
+        flat = layout.seq.unsqueeze(1) * hits.shape[1] + routing.slots  # [T, K]
+        hits.view(-1).index_add_(0, flat.reshape(-1), active.reshape(-1).long())
 
     def collect(self) -> StepRouting:
-        """Reduce the buffers to plain statistics (one host transfer)."""
-        observations = [0] * self.num_sequences
-        active = [0] * self.num_sequences
-        per_kind: dict[str, list[float]] = {}
+        """Reduce the buffers to plain statistics: reductions on the buffers' device, then
+        one host transfer for the whole forward."""
+        num_seq = self.num_sequences
+        parts: list[Tensor] = []  # every statistic, flattened, in the order read back below
+        # Per recorder: its kinds, the layers of each, T, whether T is filtered.
+        plans: list[tuple[list[str], list[int], int, bool]] = []
         for recorder in self._recorders.values():
             layers = len(recorder.kinds)
+            if not layers:
+                continue
             counts = recorder.active[:layers].long()  # [L, T]
-            seq = recorder.layout.seq
-            if recorder.valid is not None:
-                counts = counts[:, recorder.valid]
-                seq = seq[recorder.valid]
-            per_seq_tokens = torch.bincount(seq, minlength=self.num_sequences)  # [S]
-            per_seq_active = torch.zeros(self.num_sequences, dtype=torch.long, device=seq.device)
-            per_seq_active.index_add_(0, seq, counts.sum(dim=0))
-            for i, (n, a) in enumerate(
-                zip((per_seq_tokens * layers).tolist(), per_seq_active.tolist(), strict=True)
-            ):
-                observations[i] += n
-                active[i] += a
+            seq, valid = recorder.layout.seq, recorder.valid
+            per_token = counts.sum(dim=0)  # [T]
+            if valid is None:
+                tokens = torch.bincount(seq, minlength=num_seq)  # [S]
+            else:
+                weight = valid.long()  # [T]
+                tokens = counts.new_zeros(num_seq).index_add_(0, seq, weight)
+                per_token = per_token * weight
+            active = counts.new_zeros(num_seq).index_add_(0, seq, per_token)  # [S]
             kinds = sorted(set(recorder.kinds))
-            for kind in kinds:
-                rows = [i for i, k in enumerate(recorder.kinds) if k == kind]
-                means = counts[rows].double().mean(dim=0)  # [T]
-                per_kind.setdefault(kind, []).extend(means.tolist())
-        # Plain lists (one host transfer): a tensor sum per (sequence, set) would pay a tensor
-        # op's fixed cost for every pair, every step.
-        hits = self._hits.tolist() if self._hits is not None else None
+            kind_of = {kind: i for i, kind in enumerate(kinds)}
+            rows = torch.tensor([kind_of[k] for k in recorder.kinds], device=seq.device)  # [L]
+            sums = counts.new_zeros(len(kinds), counts.shape[1])  # [kinds, T]
+            sums.index_add_(0, rows, counts)  # each kind's counts summed over its layers
+            parts += [tokens * layers, active, sums.reshape(-1)]
+            if valid is not None:
+                parts.append(valid)
+            layers_of = [recorder.kinds.count(kind) for kind in kinds]
+            plans.append((kinds, layers_of, counts.shape[1], valid is not None))
+        if self._hits is not None:
+            parts.append(self._hits.reshape(-1))
+        # Integers only (small ones are shared objects, so a long list is cheap to build); the
+        # means are divided on the host, which gives the float64 mean bit for bit.
+        values = torch.cat([p.long() for p in parts]).tolist() if parts else []
+
+        observations = [0] * num_seq
+        active_ranks = [0] * num_seq
+        per_kind: dict[str, list[float]] = {}
+        at = 0
+        for kinds, layers_of, num_tokens, filtered in plans:
+            for i in range(num_seq):
+                observations[i] += int(values[at + i])
+                active_ranks[i] += int(values[at + num_seq + i])
+            at += 2 * num_seq
+            sums_at, at = at, at + len(kinds) * num_tokens
+            keep = None
+            if filtered:
+                keep = [t for t in range(num_tokens) if values[at + t]]
+                at += num_tokens
+            for j, (kind, layers) in enumerate(zip(kinds, layers_of, strict=True)):
+                row = values[sums_at + j * num_tokens : sums_at + (j + 1) * num_tokens]
+                tokens = row if keep is None else [row[t] for t in keep]
+                per_kind.setdefault(kind, []).extend(count / layers for count in tokens)
         sequences = []
+        width = 0 if self._hits is None else self._hits.shape[1]
         for i, snap in enumerate(self.snapshots):
             per_set: dict[str, int] = {}
-            if hits is not None:
+            if width:
+                hits = values[at + i * width : at + (i + 1) * width]  # [N]
                 for entry in snap.sets:
-                    count = sum(hits[i][entry.slot_start : entry.slot_start + entry.rank])
+                    count = sum(hits[entry.slot_start : entry.slot_start + entry.rank])
                     if count:
                         per_set[entry.name] = count
-            sequences.append(SequenceRouting(observations[i], active[i], per_set))
+            sequences.append(SequenceRouting(observations[i], active_ranks[i], per_set))
         return StepRouting(tuple(sequences), {k: tuple(v) for k, v in per_kind.items()})
+
+
+def to_device(host: Tensor, device: torch.device) -> Tensor:
+    """`host` on `device`. A CPU tensor bound for a GPU goes through pinned memory as an
+    asynchronous copy: a copy from pageable memory waits for the device to finish its queue,
+    and layouts are built inside the first adapted layer of a forward."""
+    if device.type != "cuda" or host.device.type != "cpu":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 # Context plumbing: which context the forwards through a pool see on this thread ----------

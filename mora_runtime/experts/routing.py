@@ -76,6 +76,7 @@ def route(
     slot_mask: Tensor | None = None,
     slot_scale: Tensor | None = None,
     scale: float = 1.0,
+    max_top_k: int | None = None,
 ) -> Routing:
     """Route every token to its sparse set of experts from the raw scores `z` [T, N].
 
@@ -83,7 +84,10 @@ def route(
     bool hides slots a token may not see (a pool version that does not contain them):
     hidden slots take no part in the norm, the top-k or the softmax, exactly as if absent.
     `slot_scale` [N] gives each slot its own output scale (one per expert set); otherwise
-    `scale` applies to all.
+    `scale` applies to all. `max_top_k`: with a per-token `top_k`, a bound the caller knows
+    on the host (at least its largest entry); without it the largest is read back from the
+    device, one host sync. A larger bound keeps more candidates, which the per-token budget
+    then cuts: the result is the same.
     """
     num_slots = z.shape[1]  # z [T, N]
     candidates = z
@@ -96,7 +100,9 @@ def route(
     inv_norm = norm.clamp_min(NORM_EPS).reciprocal()  # [T, 1]
 
     per_token_k = isinstance(top_k, Tensor)
-    k = effective_top_k(int(top_k.max()) if per_token_k else int(top_k), num_slots)
+    if per_token_k and max_top_k is None:
+        max_top_k = int(top_k.max())  # one host sync
+    k = effective_top_k(max_top_k if per_token_k else int(top_k), num_slots)
     kept_z, slots = candidates.topk(k, dim=-1, sorted=True)  # [T, K]
     kept_s = kept_z * inv_norm  # [T, K]; -inf where hidden
 
@@ -145,14 +151,21 @@ def choose_strategy(num_tokens: int, top_k: int, num_slots: int, out_features: i
     return "gather"
 
 
-def apply_values(routing: Routing, B: Tensor, *, strategy: str = "auto") -> Tensor:
+def apply_values(
+    routing: Routing, B: Tensor, *, strategy: str = "auto", prefix: int | None = None
+) -> Tensor:
     """delta [T, O] = sum over active experts of coeff * B[slot].
 
     "dense" scatters coefficients into [T, N] and multiplies by all of B (what a rank-N LoRA
     costs). "gather" uses that the active experts of a token are a prefix of its kept list
     (the list is sorted by score, and hiding, budgets and the threshold all cut from the
-    bottom): it reads only the first P = max active-per-token rows of B for each token, so
-    its cost follows the experts that survived pruning, not N. "auto" picks from the shapes.
+    bottom): it reads only the first P rows of B for each token, so its cost follows the
+    experts kept, not N. "auto" picks from the shapes.
+
+    `prefix`: P for the gather. None reads P = the most experts any token has active back
+    from the device (one host sync; the rows past it would add zeros); an int is used as
+    given, clipped to K: P = K reads every kept row (inactive ones have zero coefficients)
+    without waiting for the device.
     """
     num_tokens, k = routing.coeff.shape  # [T, K]
     num_slots, out_features = B.shape  # [N, O]
@@ -164,7 +177,12 @@ def apply_values(routing: Routing, B: Tensor, *, strategy: str = "auto") -> Tens
         return weights @ B  # [T, N] x [N, O]
     if strategy != "gather":
         raise ValueError(f"unknown value strategy {strategy!r}")
-    prefix = int(routing.active_per_token.max()) if num_tokens else 0  # P (one host sync)
+    if not num_tokens:
+        prefix = 0
+    elif prefix is None:
+        prefix = int(routing.active_per_token.max())  # P (one host sync)
+    else:
+        prefix = min(prefix, k)
     if prefix == 0:
         return B.new_zeros(num_tokens, out_features)
     slots = routing.slots[:, :prefix].reshape(-1)  # [T * P]

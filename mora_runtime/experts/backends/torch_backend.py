@@ -1,5 +1,12 @@
 """The tensor path: `experts.route` + `experts.apply_values` on any device and dtype,
-differentiable (training uses it, and it serves wherever no other backend applies)."""
+differentiable (training uses it, and it serves wherever no other backend applies).
+
+A layer's call reads nothing back from the device: the largest per-sequence budget comes
+from the context's host values (`budget_bound`, once per forward), the value gather reads
+every kept row rather than asking the device how many are active, and the statistics stay
+in the context's device buffers until `ForwardContext.collect`. On a GPU the host then only
+queues work, and a decode step never waits inside the model.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +14,19 @@ import torch
 from torch import Tensor
 
 from mora_runtime.experts.backends.base import AdaptedLayer, ForwardSpec, LayerBackend
-from mora_runtime.experts.routing import apply_values, route
+from mora_runtime.experts.routing import apply_values, effective_top_k, route
 
 
 class TorchBackend(LayerBackend):
     name = "torch"
+
+    def __init__(self, spec: ForwardSpec) -> None:
+        super().__init__(spec)
+        layout = spec.layout
+        # With per-sequence budgets, route keeps this many candidates per token.
+        self._max_top_k = (
+            budget_bound(spec) if layout is not None and layout.top_k is not None else None
+        )
 
     @classmethod
     def prepare(cls, spec: ForwardSpec) -> TorchBackend:
@@ -36,10 +51,13 @@ class TorchBackend(LayerBackend):
             training=spec.training,
             slot_mask=_slot_mask(layout.token_mask, present),
             slot_scale=spec.slot_scale[: spec.num_slots].to(x2.dtype),
+            max_top_k=self._max_top_k,
         )
         if spec.records:
             spec.context.record_routing(layer.kind, routing, layout)
-        delta = apply_values(routing, B)  # [T, O]
+        # prefix = K: the gather reads every kept row (zero coefficients past the active
+        # ones) instead of reading the active count back from the device.
+        delta = apply_values(routing, B, prefix=routing.slots.shape[1])  # [T, O]
         return y + delta.reshape(y.shape).to(y.dtype)
 
     def _apply_trainable(self, x: Tensor, y: Tensor, layer: AdaptedLayer) -> Tensor:
@@ -70,6 +88,22 @@ class TorchBackend(LayerBackend):
         )
         delta = apply_values(routing, B, strategy="dense")  # [T, O]
         return y + delta.reshape(y.shape).to(y.dtype)
+
+
+def budget_bound(spec: ForwardSpec) -> int:
+    """The largest effective budget any token of the forward has, from host values where
+    the context has them (the engine's always do; a layout's per-sequence budgets are
+    otherwise read back from the device once, here, when the backend is prepared)."""
+    layout = spec.layout
+    assert layout is not None
+    budgets = [spec.routing.top_k]
+    if layout.top_k is not None:
+        context = spec.context
+        if context is not None and context.top_k is not None:
+            budgets.extend(int(k) for k in context.top_k)
+        else:
+            budgets.append(int(layout.top_k.max()))
+    return effective_top_k(max(budgets), spec.num_slots)
 
 
 def _slot_mask(token_mask: Tensor | None, present: Tensor | None) -> Tensor | None:

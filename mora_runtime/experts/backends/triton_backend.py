@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from mora_runtime.experts.backends.base import AdaptedLayer, ForwardSpec, LayerBackend
-from mora_runtime.experts.backends.torch_backend import TorchBackend
+from mora_runtime.experts.backends.torch_backend import TorchBackend, budget_bound
 from mora_runtime.experts.routing import effective_top_k
 
 logger = logging.getLogger(__name__)
@@ -84,7 +84,8 @@ class TritonBackend(LayerBackend):
             "threshold": layout.threshold,
             "valid": None if valid is None else valid.view(torch.uint8),
         }
-        return cls(spec, triton_kernel.compiled(), _k_max(spec), meta)
+        # The most max passes any token needs (`budget_bound`: host values).
+        return cls(spec, triton_kernel.compiled(), budget_bound(spec), meta)
 
     def apply(self, x: Tensor, y: Tensor, layer: AdaptedLayer) -> Tensor:
         try:
@@ -159,21 +160,6 @@ class TritonBackend(LayerBackend):
             num_warps=4 if block_n <= 2048 else 8,
         )
         return out.reshape(y.shape)
-
-
-def _k_max(spec: ForwardSpec) -> int:
-    """The most max passes any token of the forward needs, from host values where the
-    context has them (a layout's per-sequence budgets are otherwise read back once here)."""
-    layout = spec.layout
-    assert layout is not None
-    budgets = [spec.routing.top_k]
-    if layout.top_k is not None:
-        context = spec.context
-        if context is not None and context.top_k is not None:
-            budgets.extend(int(k) for k in context.top_k)
-        else:
-            budgets.append(int(layout.top_k.max()))
-    return effective_top_k(max(budgets), spec.num_slots)
 
 
 def _next_power_of_2(n: int) -> int:
