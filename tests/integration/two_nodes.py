@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,8 @@ GOOD_SET = "everywhere"  # readable on both nodes
 SPLIT_SET = "head-only"  # its tensors are truncated in the worker node's view of the store
 
 # A throw-away driver. argv: GCS address, then "up" (wait for both nodes, take one of the
-# head's two LM slots with a detached actor, print {resource: node id}) or "release" (free it).
+# head's two LM slots with a detached actor, print {resource: node id}), "release" (free it)
+# or "actors" (print [class name, node id] of every live actor).
 DRIVER_SCRIPT = """
 import json, sys, time, ray
 ray.init(address=sys.argv[1], namespace="two-nodes", logging_level="ERROR", log_to_driver=False)
@@ -43,6 +45,10 @@ if sys.argv[2] == "up":
         time.sleep(0.5)
     ray.get(Hold.options(name="hold", lifetime="detached").remote().ready.remote())
     print(json.dumps({r: n["NodeID"] for n in nodes for r in n["Resources"] if "node_" in r}))
+elif sys.argv[2] == "actors":
+    from ray._private.state import actors
+    alive = actors(actor_state_name="ALIVE").values()
+    print(json.dumps([[a["ActorClassName"], a["Address"]["NodeID"]] for a in alive]))
 else:
     ray.kill(ray.get_actor("hold"))
 """
@@ -64,7 +70,10 @@ while True:
 # node's proxy would bind the same 127.0.0.1:port. Serve only tries to spread replicas over
 # nodes, so each LM replica takes an `lm_slot`: the head has two, one of them held by a
 # detached actor until the worker is to be lost, the worker one: one replica on each node,
-# and room on the head for the worker's once the hold is released.
+# and room on the head for the worker's once the hold is released. The ingress sits beside
+# the proxy on the head (Ray gives the head node the resource `node:__internal_head__`): an
+# ingress lost with its node fails the requests it holds with Serve's own plain-text 500,
+# which the app cannot turn into a retryable answer (docs/reliability.md).
 SERVE_YAML = """
 proxy_location: HeadOnly
 http_options: {{host: 127.0.0.1, port: {port}}}
@@ -79,6 +88,8 @@ applications:
     deployments:
       - name: LMServer
         ray_actor_options: {{num_cpus: 0, resources: {{lm_slot: 1}}}}
+      - name: MoraIngress
+        ray_actor_options: {{num_cpus: 0.25, resources: {{"node:__internal_head__": 0.001}}}}
 """
 
 # Ray's fixed-port services, one free port each per node (the rest pick random ports):
@@ -115,6 +126,32 @@ def _pids(pattern: str, wait_s: float) -> list[int]:
         if not out.stdout.split() or time.monotonic() > deadline:
             return [int(pid) for pid in out.stdout.split()]
         time.sleep(0.5)
+
+
+def _session_pids(session: int) -> list[int]:
+    """The live (not zombie) processes of a session, read from /proc."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            # After the command name in parentheses: state, ppid, process group, session.
+            fields = stat.read_text().rpartition(")")[2].split()
+            if fields[0] != "Z" and int(fields[3]) == session:
+                pids.append(int(stat.parent.name))
+    return pids
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One completion sent while a node is lost, as its client saw it."""
+
+    sent: float  # time.monotonic() when it was sent
+    # "done"; "503" (non-streaming, with Retry-After); "sse-error" (a stream ended by an error
+    # event); "no-answer" (the connection failed, no HTTP status); "unexpected" (anything else)
+    kind: str
+    status: int = 0  # 0: no HTTP answer
+    version: int | None = None  # the pool version a finished request names
+    code: str | None = None  # the error code of a 503 or an SSE error event
+    detail: str = ""  # what a failure said: body and headers, or the exception
 
 
 class TwoNodeCluster:
@@ -196,10 +233,26 @@ class TwoNodeCluster:
         assert out.returncode == 0, f"driver {action} failed: {out.stderr[-2000:]}"
         return out.stdout
 
+    def actors(self, class_name: str) -> list[str]:
+        """The node ids of the live actors of `class_name` (Serve names a replica's class
+        `ServeReplica:<app>:<deployment>`)."""
+        alive = json.loads(self.driver("actors").strip().splitlines()[-1])
+        return [node for name, node in alive if name == class_name]
+
     def kill_worker(self) -> None:
-        """A node lost at once: every process of the worker node gets SIGKILL."""
+        """A node lost at once: every process of the worker node gets SIGKILL. Ray gives each
+        worker process (a replica) a process group of its own, so killing the node's group
+        would leave its replicas serving until they notice their raylet is gone; they all
+        keep the node's session, led by the node's first process."""
         process = self.processes["worker"]
-        os.killpg(process.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        # start_new_session: the node's first process leads the session.
+        while pids := _session_pids(process.pid):
+            assert time.monotonic() < deadline, f"the worker node's processes outlived {pids}"
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            process.poll()  # reaps the leader once it is dead
         process.wait(timeout=30)
 
     def stop(self) -> None:
@@ -266,3 +319,31 @@ class TwoNodeCluster:
     def complete(self, max_tokens: int = 8) -> httpx.Response:
         body = {"model": LM_NAME, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0}
         return self.http.post("/v1/completions", json=body)
+
+    def outcome(self, stream: bool, max_tokens: int) -> Outcome:
+        """Send one completion and classify what came back; never raises for the server."""
+        sent = time.monotonic()
+        body = {"model": LM_NAME, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0}
+        if stream:
+            body |= {"stream": True, "stream_options": {"include_usage": True}}
+        try:
+            with self.http.stream("POST", "/v1/completions", json=body) as response:
+                text = response.read().decode(errors="replace")
+        except httpx.HTTPError as exc:
+            return Outcome(sent, "no-answer", detail=f"{type(exc).__name__}: {exc}")
+        status = response.status_code
+        detail = f"{text[-600:]} (headers {dict(response.headers)})"
+        if status == 503 and response.headers.get("Retry-After") and '"error"' in text:
+            code = json.loads(text)["error"]["code"]
+            return Outcome(sent, "503", status, code=code, detail=detail)
+        if status != 200:
+            return Outcome(sent, "unexpected", status, detail=detail)
+        if not stream:
+            return Outcome(sent, "done", status, json.loads(text)["mora"]["pool_version"])
+        events = [block.removeprefix("data: ") for block in text.split("\n\n") if block]
+        if len(events) < 2 or events[-1] != "[DONE]":
+            return Outcome(sent, "unexpected", status, detail=f"stream cut short: {detail}")
+        last = json.loads(events[-2])
+        if "error" in last:
+            return Outcome(sent, "sse-error", status, code=last["error"]["code"], detail=detail)
+        return Outcome(sent, "done", status, last["mora"]["pool_version"])
