@@ -40,6 +40,7 @@ SOURCES = tuple(
         "decode_attention.cpp",
         "expert_scores.cpp",
         "expert_layer.cpp",
+        "llama_ops.cpp",
     )
 )
 HEADERS = (_CSRC / "avx2.h", _CSRC / "mora_route.h")

@@ -1,9 +1,10 @@
 """Rotary attention over the engine's batched KV cache, with everything that is the same
 for every layer of a forward (rotary tables, masks) built once per forward (`StepInputs`).
 
-A decode step on float32 CPU tensors takes the decode-attention kernel (the same one HF's
-path uses through `decode_attention.py`); everything else (prefill, other devices and
-dtypes) takes torch's scaled_dot_product_attention with grouped key/value heads.
+On float32 CPU tensors (without gradients) the CPU kernels do the small operations: rotary
+in place on q and k together, and a decode step's attention (the kernel HF's path uses
+through `decode_attention.py`); everything else (prefill attention, other devices and
+dtypes) takes torch's ops and scaled_dot_product_attention with grouped key/value heads.
 
 Shape legend: n = sequences, P = new positions per sequence, C = cached columns before this
 forward, L = C + P, H = query heads, KH = key/value heads, d = head dim.
@@ -24,10 +25,10 @@ from mora_runtime.models.llama.config import LlamaShape
 class StepInputs:
     """What every layer of one forward shares."""
 
-    cos: Tensor  # [n, P, 1, d]
-    sin: Tensor  # [n, P, 1, d], the first half negated (see `rotate`)
+    cos: Tensor  # native: [n, P, d]; else [n, P, 1, d]
+    sin: Tensor  # native: [n, P, d]; else [n, P, 1, d] with its first half negated (`rotate`)
     mask: Tensor  # decode: bool [n, L]; prefill: bool [n, 1, P, L]; True = attend
-    decode_kernel: bool  # whether attention runs in the CPU decode kernel
+    native: bool  # whether the CPU kernels run the small operations (and decode attention)
 
     @classmethod
     def build(
@@ -37,10 +38,18 @@ class StepInputs:
         positions: Tensor,  # [n, P]
         attention_mask: Tensor,  # [n, L] long or bool: 1 for real tokens, 0 for padding
     ) -> StepInputs:
+        native = (
+            hidden.device.type == "cpu"
+            and hidden.dtype == torch.float32
+            and not torch.is_grad_enabled()
+            and kernels() is not None
+        )
         cos, sin = rotary(hidden, positions)  # [n, P, d] each, in hidden's dtype
-        half = sin.shape[-1] // 2
-        # rotate_half(x) * sin == swap_halves(x) * (sin with its first half negated)
-        sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+        if not native:
+            half = sin.shape[-1] // 2
+            # rotate_half(x) * sin == swap_halves(x) * (sin with its first half negated)
+            sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)[:, :, None]
+            cos = cos[:, :, None]
         real = attention_mask.bool()  # [n, L]
         width = positions.shape[1]
         decode = width == 1
@@ -56,18 +65,19 @@ class StepInputs:
             # itself (its output is never read, only kept out of the real rows' way).
             own = torch.eye(width, dtype=torch.bool, device=real.device)
             mask[..., cached:] |= own
-        use_kernel = (
-            decode
-            and hidden.device.type == "cpu"
-            and hidden.dtype == torch.float32
-            and not torch.is_grad_enabled()
-            and kernels() is not None
-        )
-        return cls(cos[:, :, None], sin[:, :, None], mask, use_kernel)
+        return cls(cos.contiguous(), sin.contiguous(), mask, native)
 
 
-def rotate(x: Tensor, step: StepInputs) -> Tensor:
-    """Rotary position embedding of x [n, P, heads, d] (HF's `apply_rotary_pos_emb`)."""
+def rotate(q: Tensor, k: Tensor, step: StepInputs) -> tuple[Tensor, Tensor]:
+    """Rotary position embedding of q [n, P, H, d] and k [n, P, KH, d] (HF's
+    `apply_rotary_pos_emb`); native: in place."""
+    if step.native:
+        kernels().rope_(q, k, step.cos, step.sin)
+        return q, k
+    return _rotate(q, step), _rotate(k, step)
+
+
+def _rotate(x: Tensor, step: StepInputs) -> Tensor:
     n, positions, heads, dim = x.shape
     swapped = x.view(n, positions, heads, 2, dim // 2).flip(-2).view(n, positions, heads, dim)
     return x * step.cos + swapped * step.sin
@@ -82,9 +92,14 @@ def attend(
 ) -> Tensor:
     """The attention output [n, P, H * d]."""
     n, width = q.shape[0], q.shape[1]
-    if step.decode_kernel and keys.stride(-1) == 1 and values.stride(-1) == 1:
+    decode = width == 1 and step.mask.dim() == 2
+    if step.native and decode and keys.stride(-1) == 1 and values.stride(-1) == 1:
         out = kernels().decode_attention(
-            q.reshape(n, shape.heads, shape.head_dim), keys, values, step.mask, shape.scaling
+            q.reshape(n, shape.heads, shape.head_dim).contiguous(),
+            keys,
+            values,
+            step.mask,
+            shape.scaling,
         )  # [n, H, d]
         return out.view(n, 1, shape.heads * shape.head_dim)
     out = torch.nn.functional.scaled_dot_product_attention(

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from mora_runtime.cpu.build import kernels
 from mora_runtime.models.llama.attention import StepInputs, attend, rotate
 from mora_runtime.models.llama.config import LlamaShape, unsupported_reason
 from mora_runtime.models.llama.projections import FusedProjection
@@ -71,26 +72,35 @@ class CompactLlama:
             hidden = self._layer(block, cache.layers[index], hidden, step)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        hidden = _rms_norm(hidden, inner.norm)
+        hidden = _rms_norm(hidden, inner.norm, step.native)
         return self.model.lm_head(hidden)  # [n, P or k, V]
 
     def _layer(self, block: _Block, kv, hidden: Tensor, step: StepInputs) -> Tensor:
         shape, layer = self.shape, block.layer
         attention, mlp = layer.self_attn, layer.mlp
         n, width = hidden.shape[0], hidden.shape[1]
-        x = _rms_norm(hidden, layer.input_layernorm)
+        x = _rms_norm(hidden, layer.input_layernorm, step.native)
         q, k, v = block.qkv(x, (attention.q_proj, attention.k_proj, attention.v_proj))
-        q = rotate(q.view(n, width, shape.heads, shape.head_dim), step)
-        k = rotate(k.view(n, width, shape.kv_heads, shape.head_dim), step)
+        q, k = rotate(
+            q.view(n, width, shape.heads, shape.head_dim),
+            k.view(n, width, shape.kv_heads, shape.head_dim),
+            step,
+        )
         v = v.view(n, width, shape.kv_heads, shape.head_dim)
         keys, values = kv.update(k.transpose(1, 2), v.transpose(1, 2))  # [n, KH, L, d]
         hidden = hidden + attention.o_proj(attend(q, keys, values, step, shape))
-        x = _rms_norm(hidden, layer.post_attention_layernorm)
+        x = _rms_norm(hidden, layer.post_attention_layernorm, step.native)
         gate, up = block.gate_up(x, (mlp.gate_proj, mlp.up_proj))
+        if step.native:
+            size = gate.shape[-1]
+            act = kernels().silu_mul(gate.reshape(-1, size), up.reshape(-1, size))
+            return hidden + mlp.down_proj(act.view(n, width, size))
         return hidden + mlp.down_proj(nn.functional.silu(gate) * up)
 
 
-def _rms_norm(x: Tensor, norm: nn.Module) -> Tensor:
+def _rms_norm(x: Tensor, norm: nn.Module, native: bool) -> Tensor:
+    if native:
+        return kernels().rms_norm(x.contiguous(), norm.weight, norm.variance_epsilon)
     if x.dtype == torch.float32:
         return nn.functional.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
     return norm(x)  # HF's: in float32, rounded back before the weight
