@@ -215,12 +215,29 @@ def method_text(args: argparse.Namespace, slots: int, version: str) -> str:
         f"server. llama-server: {version}, from the llama-cpp-python {llama_server.VERSION} "
         f"sdist, `--parallel {slots} --ctx-size {slots * CTX_PER_SLOT}`. mora serve: 1 LM "
         "replica, default (int4) weights, CLIP off. Closed-loop clients, "
-        f"{args.requests_per_client} requests per client and run (at least 8), each run after "
-        f"its prompts were sent once; {args.rounds} rounds, each with mora's pool empty and "
-        f"with {args.sets} random sets x {RANK} ranks on q/k/v/o, the two servers measured "
-        "back to back at each concurrency (alternating which goes first). tokens/s: medians "
-        "over rounds; mora / llama: the median of the per-round ratios."
+        f"{args.requests_per_client} request(s) per client and run (at least 8 a run), each "
+        f"run after its prompts were sent once; {args.rounds} round(s), each with mora's pool "
+        f"empty and with {args.sets} random sets x {RANK} ranks on q/k/v/o, the two servers "
+        "measured back to back at each concurrency (alternating which goes first). tokens/s "
+        "count `usage.completion_tokens` (either server may stop at EOS before the limit: "
+        "tokens/request shows how often); medians over rounds; mora / llama: the median of "
+        "the per-round ratios. Equal prompt tokens mean both servers saw the same tokens."
     )
+
+
+def busy_warning() -> float:
+    """The 1-minute load average, with a warning when other work competes for the cores:
+    both servers spread each step over all their threads, and a step waits for the slowest,
+    so a busy machine's figures say more about the machine than about the servers."""
+    load = os.getloadavg()[0]
+    cores = os.cpu_count() or 1
+    if load > cores / 2:
+        print(
+            f"warning: the machine is busy (load average {load:.1f} on {cores} cores); "
+            "measure on a quiet machine",
+            flush=True,
+        )
+    return load
 
 
 def run_rounds(
@@ -271,6 +288,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     started = time.monotonic()
+    load_before = busy_warning()
     binary = llama_server.ensure_built(force=args.rebuild)
     version = str((read_marker(llama_server.install_dir()) or {}).get("server_version"))
 
@@ -308,7 +326,11 @@ def main(argv: list[str] | None = None) -> None:
             finally:
                 mora_server.stop()
     minutes = (time.monotonic() - started) / 60
-    header = method_text(args, slots, version) + f" The whole run took {minutes:.0f} min."
+    header = method_text(args, slots, version) + (
+        f" The whole run took {minutes:.0f} min; the machine's 1-minute load average was "
+        f"{load_before:.1f} before it and {os.getloadavg()[0]:.1f} after ({os.cpu_count()} "
+        "cores)."
+    )
     write_results(args, measurements, header, argv)
 
 

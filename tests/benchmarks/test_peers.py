@@ -15,6 +15,7 @@ from loadtest.server_process import MoraCommandError
 from mora_runtime.models.materialize import materialize
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+SERVERS = ("llama", "mora")
 
 
 def _load(name: str) -> ModuleType:
@@ -119,10 +120,21 @@ def test_unknown_servers_are_refused() -> None:
 
 
 def test_plot_writes_a_png(tmp_path: Path) -> None:
-    servers = ("llama", "mora")
-    runs = [_m(0, p, c, s, 10.0 * c) for p in ("empty", "loaded") for c in (1, 4) for s in servers]
+    runs = [_m(0, p, c, s, 10.0 * c) for p in ("empty", "loaded") for c in (1, 4) for s in SERVERS]
     path = report.plot(report.summarise(runs), {}, tmp_path / "peers.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_results_are_written_as_markdown_with_the_plot_beside(tmp_path: Path) -> None:
+    argv = ["--rounds", "1", "--concurrency", "2", "--sets", "3", "--out", str(tmp_path / "p.md")]
+    args = peers.parse_args(argv)
+    runs = [_m(0, pool, 2, server, 10.0) for pool in ("empty", "loaded") for server in SERVERS]
+    peers.write_results(args, runs, peers.method_text(args, 2, "version: 1"), argv)
+    text = (tmp_path / "p.md").read_text()
+    assert text.startswith("# llama-server against mora serve")
+    assert "| 3 sets x 16 ranks | 2 | 10.0 | 10.0 | 1.00x |" in text
+    assert "`benchmarks/peers.py --rounds 1" in text and "![plot](p.png)" in text
+    assert (tmp_path / "p.png").stat().st_size > 0
 
 
 # --- the cached build -------------------------------------------------------------------------
