@@ -238,6 +238,19 @@ def test_running_waits_for_health_and_stops_the_server(tmp_path: Path) -> None:
     assert "listening" in log.read_text()
 
 
+def test_ctrl_c_inside_the_block_still_stops_the_server(tmp_path: Path) -> None:
+    from serving.cluster.launcher import free_ports
+
+    (port,) = free_ports(1)
+    command = [sys.executable, "-c", HEALTH_SERVER, str(port)]
+    with (
+        pytest.raises(KeyboardInterrupt),
+        llama_server.running(command, port, tmp_path / "server.log", timeout_s=60) as server,
+    ):
+        raise KeyboardInterrupt
+    assert server.process.poll() is not None
+
+
 def test_a_server_that_exits_is_an_error_with_its_log(tmp_path: Path, capsys) -> None:
     command = [sys.executable, "-c", "print('bad model file'); raise SystemExit(1)"]
     with pytest.raises(MoraCommandError), llama_server.running(command, 9, tmp_path / "l.log"):
