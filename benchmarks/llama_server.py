@@ -2,8 +2,8 @@
 
 The source is the llama.cpp that the `llama-cpp-python` sdist vendors (pinned below), fetched
 with `pip download` (the package registry is the only network this needs) and built with
-cmake: the `llama-server` target only, Release, CPU only, statically linked so the binary
-survives being moved out of its build tree. The build goes through
+cmake: the `llama-server` target only, Release, CPU only, llama.cpp's own libraries linked
+statically so the binary survives being moved out of its build tree. The build goes through
 `mora_runtime.models.materialize` like the default models: into a staging directory renamed
 to `<cache>/llama.cpp` under a file lock, with a marker recording the version and options,
 so a second run (or two runs at once) reuses it and a changed pin or option rebuilds it.
