@@ -97,6 +97,7 @@ class LMServer(ReplicaBase):
                 max_running=cfg.lm.max_running,
                 max_waiting=cfg.lm.max_waiting,
                 prefix_cache_blocks=cfg.lm.prefix_cache_blocks,
+                forward=cfg.lm.forward,
             ),
             on_step=self._on_step,
         )

@@ -52,3 +52,14 @@ def test_wrong_inputs_are_refused():
         kernels().rms_norm(torch.ones(2, 4, dtype=torch.float64), torch.ones(4), 1e-5)
     with pytest.raises(RuntimeError, match="unit stride"):
         kernels().silu_mul(torch.ones(4, 3).t(), torch.ones(4, 3).t())
+
+
+def test_add_rms_norm_adds_the_residual_in_place_then_normalises():
+    g = torch.Generator().manual_seed(3)
+    norm = LlamaRMSNorm(64, eps=1e-6)
+    norm.weight.data = torch.randn(64, generator=g)
+    hidden, delta = torch.randn(2, 3, 64, generator=g), torch.randn(2, 3, 64, generator=g)
+    want_hidden = hidden + delta
+    got = kernels().add_rms_norm_(hidden, delta, norm.weight.detach(), 1e-6)
+    torch.testing.assert_close(hidden, want_hidden, rtol=0, atol=0)
+    torch.testing.assert_close(got, norm(want_hidden).detach(), rtol=1e-5, atol=1e-5)

@@ -11,6 +11,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
                             const at::Tensor& mask, double scale);
 at::Tensor expert_scores(const at::Tensor& x, const at::Tensor& A);
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+at::Tensor add_rms_norm_(at::Tensor& x, const at::Tensor& delta, const at::Tensor& weight,
+                         double eps);
 void rope_(at::Tensor& q, at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin);
 at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up);
 #endif
@@ -24,6 +26,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "one query token per sequence against its cached keys and values");
   module.def("expert_scores", &expert_scores, "x [T, D] @ A [N, D]^T for small T");
   module.def("rms_norm", &rms_norm, "Llama's RMSNorm of the rows of x");
+  module.def("add_rms_norm_", &add_rms_norm_, "x += delta in place, then RMSNorm of x");
   module.def("rope_", &rope_, "rotary position embedding of q and k, in place");
   module.def("silu_mul", &silu_mul, "silu(gate) * up");
 #endif

@@ -6,6 +6,7 @@
 // two products, each allocating) than computing them.
 //
 //   rms_norm(x [T, D], w [D], eps) = w * x / sqrt(mean(x^2) + eps)      (HF's LlamaRMSNorm)
+//   add_rms_norm_(x, delta, w, eps): x += delta in place (the residual), then rms_norm(x)
 //   rope_(q, k, cos, sin): in place on q [n, P, H, d] and k [n, P, KH, d] (unit stride along
 //       d), with the tables cos, sin [n, P, d] of HF's rotary embedding:
 //       x[i] <- x[i] cos[i] - x[i + d/2] sin[i],  x[i + d/2] <- x[i + d/2] cos[i + d/2] + x[i] sin[i + d/2]
@@ -17,6 +18,11 @@
 #include <cstdint>
 
 namespace {
+
+// Rows (heads for rotary) below which a call runs on one thread: a decode step's few
+// thousand elements take less time than waking the pool's other threads.
+constexpr int64_t kSerialRows = 64;
+constexpr int64_t kSerialHeads = 1024;
 
 void check_f32_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, name,
@@ -37,7 +43,7 @@ void rope_heads(at::Tensor& x, const float* cos, const float* sin, int64_t n, in
   const int64_t heads = x.size(2), dim = x.size(3), half = dim / 2;
   const int64_t s0 = x.stride(0), s1 = x.stride(1), s2 = x.stride(2);
   float* base = x.data_ptr<float>();
-  at::parallel_for(0, n * p * heads, 64, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n * p * heads, kSerialHeads, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t h = i % heads, token = i / heads, row = token / p, pos = token % p;
       float* v = base + row * s0 + pos * s1 + h * s2;
@@ -49,20 +55,33 @@ void rope_heads(at::Tensor& x, const float* cos, const float* sin, int64_t n, in
 
 }  // namespace
 
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+namespace {
+
+at::Tensor norm_rows(const at::Tensor& x, const at::Tensor& weight, double eps,
+                     const at::Tensor* delta) {
   check_f32_cpu(x, "x");
   check_f32_cpu(weight, "weight");
   TORCH_CHECK(x.is_contiguous() && weight.is_contiguous(), "x and weight must be contiguous");
   const int64_t dim = x.size(-1), rows = x.numel() / dim;
   TORCH_CHECK(weight.numel() == dim, "weight must have x's last size");
+  if (delta != nullptr) {
+    check_f32_cpu(*delta, "delta");
+    TORCH_CHECK(delta->is_contiguous() && delta->sizes() == x.sizes(),
+                "delta must be contiguous and shaped like x");
+  }
   at::Tensor out = at::empty_like(x);
-  const float* in = x.data_ptr<float>();
+  float* in = x.data_ptr<float>();
+  const float* add = delta != nullptr ? delta->data_ptr<float>() : nullptr;
   const float* w = weight.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, kSerialRows, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const float* xr = in + r * dim;
+      float* xr = in + r * dim;
       float* orow = o + r * dim;
+      if (add != nullptr) {
+        const float* dr = add + r * dim;
+        for (int64_t i = 0; i < dim; ++i) xr[i] += dr[i];
+      }
       float sum = 0.0f;
       for (int64_t i = 0; i < dim; ++i) sum += xr[i] * xr[i];
       const float scale = 1.0f / std::sqrt(sum / static_cast<float>(dim) + static_cast<float>(eps));
@@ -70,6 +89,17 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
     }
   });
   return out;
+}
+
+}  // namespace
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  return norm_rows(x, weight, eps, nullptr);
+}
+
+at::Tensor add_rms_norm_(at::Tensor& x, const at::Tensor& delta, const at::Tensor& weight,
+                         double eps) {
+  return norm_rows(x, weight, eps, &delta);
 }
 
 void rope_(at::Tensor& q, at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin) {
@@ -101,7 +131,7 @@ at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
   const float* g = gate.data_ptr<float>();
   const float* u = up.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, kSerialRows, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const float* gr = g + r * gate_stride;
       const float* ur = u + r * up_stride;

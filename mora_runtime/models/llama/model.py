@@ -66,20 +66,26 @@ class CompactLlama:
         logits_to_keep: int = 0,  # 0: every position, k: the last k
     ) -> Tensor:
         inner = self.model.model
-        hidden = inner.embed_tokens(ids)  # [n, P, D]
+        hidden = inner.embed_tokens(ids)  # [n, P, D], the residual stream
         step = StepInputs.build(inner.rotary_emb, hidden, positions, mask)
+        # Each residual add is done together with the norm after it (`_add_norm`).
+        x = _add_norm(hidden, None, self.blocks[0].layer.input_layernorm, step.native)
         for index, block in enumerate(self.blocks):
-            hidden = self._layer(block, cache.layers[index], hidden, step)
+            layer = block.layer
+            attention = self._attention(block, cache.layers[index], x, step)
+            x = _add_norm(hidden, attention, layer.post_attention_layernorm, step.native)
+            mlp = self._mlp(block, x, step)
+            if index + 1 < len(self.blocks):
+                norm = self.blocks[index + 1].layer.input_layernorm
+                x = _add_norm(hidden, mlp, norm, step.native)
         if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        hidden = _rms_norm(hidden, inner.norm, step.native)
-        return self.model.lm_head(hidden)  # [n, P or k, V]
+            hidden, mlp = hidden[:, -logits_to_keep:].contiguous(), mlp[:, -logits_to_keep:]
+        return self.model.lm_head(_add_norm(hidden, mlp, inner.norm, step.native))
 
-    def _layer(self, block: _Block, kv, hidden: Tensor, step: StepInputs) -> Tensor:
-        shape, layer = self.shape, block.layer
-        attention, mlp = layer.self_attn, layer.mlp
-        n, width = hidden.shape[0], hidden.shape[1]
-        x = _rms_norm(hidden, layer.input_layernorm, step.native)
+    def _attention(self, block: _Block, kv, x: Tensor, step: StepInputs) -> Tensor:
+        """The attention block's output [n, P, D] for its normed input x."""
+        shape, attention = self.shape, block.layer.self_attn
+        n, width = x.shape[0], x.shape[1]
         q, k, v = block.qkv(x, (attention.q_proj, attention.k_proj, attention.v_proj))
         q, k = rotate(
             q.view(n, width, shape.heads, shape.head_dim),
@@ -88,22 +94,34 @@ class CompactLlama:
         )
         v = v.view(n, width, shape.kv_heads, shape.head_dim)
         keys, values = kv.update(k.transpose(1, 2), v.transpose(1, 2))  # [n, KH, L, d]
-        hidden = hidden + attention.o_proj(attend(q, keys, values, step, shape))
-        x = _rms_norm(hidden, layer.post_attention_layernorm, step.native)
+        return attention.o_proj(attend(q, keys, values, step, shape))
+
+    def _mlp(self, block: _Block, x: Tensor, step: StepInputs) -> Tensor:
+        """The MLP's output [n, P, D] for its normed input x."""
+        mlp = block.layer.mlp
         gate, up = block.gate_up(x, (mlp.gate_proj, mlp.up_proj))
         if step.native:
             size = gate.shape[-1]
             act = kernels().silu_mul(gate.reshape(-1, size), up.reshape(-1, size))
-            return hidden + mlp.down_proj(act.view(n, width, size))
-        return hidden + mlp.down_proj(nn.functional.silu(gate) * up)
+            return mlp.down_proj(act.view(*x.shape[:-1], size))
+        return mlp.down_proj(nn.functional.silu(gate) * up)
 
 
-def _rms_norm(x: Tensor, norm: nn.Module, native: bool) -> Tensor:
+def _add_norm(hidden: Tensor, delta: Tensor | None, norm: nn.Module, native: bool) -> Tensor:
+    """hidden += delta in place (the residual add; none with delta None), then `norm` of it."""
     if native:
-        return kernels().rms_norm(x.contiguous(), norm.weight, norm.variance_epsilon)
-    if x.dtype == torch.float32:
-        return nn.functional.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
-    return norm(x)  # HF's: in float32, rounded back before the weight
+        if delta is None:
+            return kernels().rms_norm(hidden, norm.weight, norm.variance_epsilon)
+        return kernels().add_rms_norm_(
+            hidden, delta.contiguous(), norm.weight, norm.variance_epsilon
+        )
+    if delta is not None:
+        hidden += delta
+    if hidden.dtype == torch.float32:
+        return nn.functional.rms_norm(
+            hidden, (hidden.shape[-1],), norm.weight, norm.variance_epsilon
+        )
+    return norm(hidden)  # HF's: in float32, rounded back before the weight
 
 
 def compact_forward(model: nn.Module) -> CompactLlama | None:
