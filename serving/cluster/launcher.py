@@ -28,7 +28,10 @@ def start(cfg: ServerConfig) -> None:
         include_dashboard=False,
         namespace="mora",
         _metrics_export_port=cfg.metrics_port,
-        _system_config={"metrics_report_interval_ms": 2000},
+        # Ray starts its workers at niceness 15, below its own daemons and every other
+        # process; a replica is the server's whole workload, and its torch threads meet at
+        # barriers each product, so any preemption stalls them all: serve at normal priority.
+        _system_config={"metrics_report_interval_ms": 2000, "worker_niceness": 0},
         logging_level=logging.WARNING,
     )
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
