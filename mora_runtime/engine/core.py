@@ -94,7 +94,9 @@ class Engine:
         self._exclusive: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]]
         self._exclusive = collections.deque()
         self.prefix_cache = PrefixCache(self.config.prefix_cache_blocks)
-        self.runner = select_runner(model, self.config.forward)
+        # Fusing the compact forward's projections runs torch ops: on a thread that ends, so
+        # the caller's thread keeps no torch thread pool (mora_runtime/cpu/openmp.py).
+        self.runner = in_fresh_thread(select_runner, model, self.config.forward)
 
     # ------------------------------------------------------------------ public API
     @property

@@ -187,3 +187,25 @@ def test_unsupported_models_keep_the_hf_forward():
     assert not isinstance(select_runner(llama(), "hf"), CompactLlama)
     with pytest.raises(ValueError, match="forward must be"):
         select_runner(llama(), "fast")
+
+
+def test_the_engine_fuses_on_a_thread_that_ends(monkeypatch):
+    """A thread that ran torch ops keeps a torch thread pool that slows the engine thread's
+    every op (mora_runtime/cpu/openmp.py): an engine built on a server's long-lived thread
+    must not leave one there."""
+    import threading
+
+    from mora_runtime.models.llama import projections
+
+    fused_on: list[threading.Thread] = []
+    fuse = projections._fuse
+
+    def recording(bases):
+        fused_on.append(threading.current_thread())
+        return fuse(bases)
+
+    monkeypatch.setattr(projections, "_fuse", recording)
+    engine = Engine(llama(), eos_token_ids=(), max_context=256)
+    assert isinstance(engine.runner, CompactLlama)
+    assert fused_on and all(t is not threading.current_thread() for t in fused_on)
+    assert not any(t.is_alive() for t in fused_on)
