@@ -25,21 +25,24 @@ def no_eos(model):
     return model
 
 
+# The shape of the tiny Llama-family models the engine tests run (tests/models reuses it).
+TINY_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=VOCAB,
+    max_position_embeddings=256,
+    # A peaked model: with the default 0.02 the logits are so flat that an off-by-one
+    # position (RoPE) still picks the same tokens.
+    initializer_range=0.2,
+)
+
+
 def tiny_llama():
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=256,
-        # A peaked model: with the default 0.02 the logits are so flat that an off-by-one
-        # position (RoPE) still picks the same tokens.
-        initializer_range=0.2,
-    )
-    return no_eos(LlamaForCausalLM(cfg).eval())
+    return no_eos(LlamaForCausalLM(LlamaConfig(**TINY_SHAPE)).eval())
 
 
 def tiny_gpt2():

@@ -6,8 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
     Qwen2Config,
@@ -24,33 +22,28 @@ from mora_runtime.experts.slots import RoutingConfig
 from mora_runtime.models.llama.config import unsupported_reason
 from mora_runtime.models.llama.model import CompactLlama
 from mora_runtime.models.quantize import int4_supported, quantize_model
-from tests.engine.test_engine import VOCAB, hf_greedy, no_eos, prompts, run_concurrently, tokens
-
-SHAPE = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=VOCAB,
-    max_position_embeddings=256,
-    initializer_range=0.2,  # peaked logits: a wrong position or mask changes the tokens
+from tests.engine.test_engine import (
+    TINY_SHAPE,
+    VOCAB,
+    hf_greedy,
+    no_eos,
+    prompts,
+    run_concurrently,
+    tiny_llama,
+    tokens,
 )
 
-
-def llama():
-    torch.manual_seed(0)
-    return no_eos(LlamaForCausalLM(LlamaConfig(**SHAPE)).eval())
+llama = tiny_llama
 
 
 def qwen2():  # q/k/v with bias
     torch.manual_seed(0)
-    return no_eos(Qwen2ForCausalLM(Qwen2Config(**SHAPE, use_sliding_window=False)).eval())
+    return no_eos(Qwen2ForCausalLM(Qwen2Config(**TINY_SHAPE, use_sliding_window=False)).eval())
 
 
 def mistral():
     torch.manual_seed(0)
-    return no_eos(MistralForCausalLM(MistralConfig(**SHAPE, sliding_window=None)).eval())
+    return no_eos(MistralForCausalLM(MistralConfig(**TINY_SHAPE, sliding_window=None)).eval())
 
 
 FAMILIES = {"llama": llama, "qwen2": qwen2, "mistral": mistral}
@@ -181,7 +174,7 @@ def test_unsupported_models_keep_the_hf_forward():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=VOCAB))
     assert "gpt2" in unsupported_reason(gpt2)
     assert not isinstance(select_runner(gpt2), CompactLlama)
-    windowed = MistralForCausalLM(MistralConfig(**SHAPE, sliding_window=16))
+    windowed = MistralForCausalLM(MistralConfig(**TINY_SHAPE, sliding_window=16))
     assert unsupported_reason(windowed) == "sliding-window attention"
     assert isinstance(select_runner(llama(), "auto"), CompactLlama)
     assert not isinstance(select_runner(llama(), "hf"), CompactLlama)
