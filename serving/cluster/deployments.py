@@ -73,9 +73,7 @@ class LMServer(ReplicaBase):
         set_torch_threads(cfg.lm.torch_threads or os.cpu_count() or 1)
         self._pick_device("LM", cfg.lm.num_gpus)
 
-        self.metrics = server_metrics()
-
-        def build() -> tuple[Any, Engine, ReplicaPool]:
+        def build() -> tuple[Any, Any]:
             lm = load_causal_lm(cfg.lm.model_dir, weights=cfg.lm.weights, device=self.device)
             pool = patch_model(
                 lm.model,
@@ -83,30 +81,30 @@ class LMServer(ReplicaBase):
                 capacity=cfg.lm.pool_capacity,
                 routing=_routing(cfg.lm.routing),
             )
-            engine = Engine(
-                lm.model,
-                eos_token_ids=lm.eos_token_ids,
-                max_context=lm.max_context,
-                pad_token_id=lm.tokenizer.pad_token_id or 0,
-                pool=pool,
-                config=EngineConfig(
-                    max_running=cfg.lm.max_running,
-                    max_waiting=cfg.lm.max_waiting,
-                    prefix_cache_blocks=cfg.lm.prefix_cache_blocks,
-                    forward=cfg.lm.forward,
-                ),
-                on_step=self._on_step,
-            )
-            replica = ReplicaPool(
-                pool, lm.model, "causal_lm", cfg.expert_store, engine.run_exclusive
-            )
-            return lm, engine, replica
+            return lm, pool
 
-        # Everything that runs torch ops (loading, quantising, patching, fusing the engine's
-        # projections, the base fingerprint) runs on a thread that ends, not on Serve's
-        # long-lived ones: a thread that ran torch ops keeps a thread pool that slows every
-        # op of the engine thread (mora_runtime/cpu/openmp.py).
-        lm, self.engine, self.replica = await asyncio.to_thread(in_fresh_thread, build)
+        # On a thread that ends, not the executor's: only the engine thread may keep a torch
+        # thread pool alive (mora_runtime/cpu/openmp.py; the engine fuses its projections on
+        # such a thread itself).
+        lm, pool = await asyncio.to_thread(in_fresh_thread, build)
+        self.metrics = server_metrics()
+        self.engine = Engine(
+            lm.model,
+            eos_token_ids=lm.eos_token_ids,
+            max_context=lm.max_context,
+            pad_token_id=lm.tokenizer.pad_token_id or 0,
+            pool=pool,
+            config=EngineConfig(
+                max_running=cfg.lm.max_running,
+                max_waiting=cfg.lm.max_waiting,
+                prefix_cache_blocks=cfg.lm.prefix_cache_blocks,
+                forward=cfg.lm.forward,
+            ),
+            on_step=self._on_step,
+        )
+        self.replica = ReplicaPool(
+            pool, lm.model, "causal_lm", cfg.expert_store, self.engine.run_exclusive
+        )
         await self._start_sync(cfg.expert_store)
         self.engine.start()
         self.info = {

@@ -6,7 +6,16 @@ import threading
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from mora_runtime.engine.core import Engine
 from mora_runtime.engine.params import SamplingParams
@@ -45,13 +54,25 @@ def tiny_llama():
     return no_eos(LlamaForCausalLM(LlamaConfig(**TINY_SHAPE)).eval())
 
 
+def tiny_qwen2():  # q/k/v with bias
+    torch.manual_seed(0)
+    return no_eos(Qwen2ForCausalLM(Qwen2Config(**TINY_SHAPE, use_sliding_window=False)).eval())
+
+
+def tiny_mistral():
+    torch.manual_seed(0)
+    return no_eos(MistralForCausalLM(MistralConfig(**TINY_SHAPE, sliding_window=None)).eval())
+
+
 def tiny_gpt2():
     torch.manual_seed(0)
     cfg = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, initializer_range=0.2)
     return no_eos(GPT2LMHeadModel(cfg).eval())
 
 
-MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+# The Llama family runs the engine's compact forward (tests/models/test_llama_compact.py),
+# GPT-2 HF's forward.
+MODELS = {"llama": tiny_llama, "qwen2": tiny_qwen2, "mistral": tiny_mistral, "gpt2": tiny_gpt2}
 
 
 def prompts(n: int, seed: int = 0) -> list[list[int]]:

@@ -5,12 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from transformers import MistralConfig, MistralForCausalLM
 
 from mora_runtime.engine.core import Engine
 from mora_runtime.engine.forward import select_runner
@@ -25,28 +20,15 @@ from mora_runtime.models.quantize import int4_supported, quantize_model
 from tests.engine.test_engine import (
     TINY_SHAPE,
     VOCAB,
-    hf_greedy,
-    no_eos,
     prompts,
-    run_concurrently,
     tiny_llama,
+    tiny_mistral,
+    tiny_qwen2,
     tokens,
 )
 
+FAMILIES = {"llama": tiny_llama, "qwen2": tiny_qwen2, "mistral": tiny_mistral}
 llama = tiny_llama
-
-
-def qwen2():  # q/k/v with bias
-    torch.manual_seed(0)
-    return no_eos(Qwen2ForCausalLM(Qwen2Config(**TINY_SHAPE, use_sliding_window=False)).eval())
-
-
-def mistral():
-    torch.manual_seed(0)
-    return no_eos(MistralForCausalLM(MistralConfig(**TINY_SHAPE, sliding_window=None)).eval())
-
-
-FAMILIES = {"llama": llama, "qwen2": qwen2, "mistral": mistral}
 
 
 def hf_logits(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -96,21 +78,11 @@ def test_fusing_leaves_the_hf_forward_bit_for_bit_unchanged():
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_engine_greedy_equals_hf_generate_alone_and_batched(family):
-    model = FAMILIES[family]()
-    engine = Engine(model, eos_token_ids=(), max_context=256)
+def test_the_engine_runs_the_llama_family_on_the_compact_forward(family):
+    # Its greedy tokens equal HF generate's, alone and batched: test_engine.py's
+    # test_greedy_equals_hf_generate_alone_and_batched, over the same families.
+    engine = Engine(FAMILIES[family](), eos_token_ids=(), max_context=256)
     assert isinstance(engine.runner, CompactLlama)
-    engine.start()
-    greedy = SamplingParams(max_tokens=10, temperature=0.0)
-    batch = prompts(6, seed=3)
-    try:
-        want = [hf_greedy(model, p, 10) for p in batch]
-        alone = [tokens(engine.generate(p, greedy)) for p in batch]
-        together = [tokens(ev) for ev in run_concurrently(engine, [(p, greedy) for p in batch])]
-    finally:
-        engine.shutdown()
-    assert alone == want
-    assert together == want
 
 
 def _expert_set(pool, seed: int):

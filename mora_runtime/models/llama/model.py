@@ -17,6 +17,7 @@ D = hidden size, V = vocabulary, H/KH/d as in attention.py.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,8 @@ from mora_runtime.cpu.build import kernels
 from mora_runtime.models.llama.attention import StepInputs, attend, rotate
 from mora_runtime.models.llama.config import LlamaShape, unsupported_reason
 from mora_runtime.models.llama.projections import FusedProjection
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -128,5 +131,6 @@ def compact_forward(model: nn.Module) -> CompactLlama | None:
     """The compact forward of `model`, or None where only HF's forward can run it."""
     try:
         return CompactLlama(model)
-    except ValueError:
+    except ValueError as reason:
+        logger.info("%s", reason)
         return None

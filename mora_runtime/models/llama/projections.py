@@ -56,11 +56,13 @@ def _fuse(bases: Sequence[nn.Module]) -> nn.Module:
     """One module whose output is the members' outputs side by side; each member's
     weights become views of its rows."""
     if type(bases[0]) is nn.Linear:
-        fused = nn.Linear(bases[0].in_features, sum(b.out_features for b in bases))
-        fused.to(device=bases[0].weight.device, dtype=bases[0].weight.dtype)
-        fused.weight = nn.Parameter(_stack([b.weight for b in bases]), requires_grad=False)
         bias = _stack([b.bias for b in bases])
-        fused.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        out_features = sum(b.out_features for b in bases)
+        # On the meta device: no initialisation of a weight that is replaced at once.
+        fused = nn.Linear(bases[0].in_features, out_features, bias is not None, device="meta")
+        fused.weight = nn.Parameter(_stack([b.weight for b in bases]), requires_grad=False)
+        if bias is not None:
+            fused.bias = nn.Parameter(bias, requires_grad=False)
         start = 0
         for b in bases:
             rows = slice(start, start + b.out_features)
