@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/ab_checkouts.py OLD_DIR NEW_DIR [--rounds 3] [--out PATH]
 
 A refactor must keep performance: this runs the same engine measurement (int4 SmolLM2,
-64-token greedy completions, closed-loop clients at concurrency 1 and 16, and 16 with
-10 random sets x 16 ranks on q/k/v/o) and each checkout's own routing benchmark
+64-token greedy completions, closed-loop clients at concurrency 1 and 16, 16 with
+completion lengths of 16 to 112 tokens mixed (requests join and leave every few steps), and
+16 with 10 random sets x 16 ranks on q/k/v/o) and each checkout's own routing benchmark
 (`--quick`), in fresh subprocesses whose working directory and import path are the
 checkout, alternating OLD/NEW (then NEW/OLD) each round because timings drift within
 minutes. Both checkouts use this interpreter and its packages; each its own cache,
@@ -52,19 +53,23 @@ for i in range(32):
                                    add_generation_prompt=True, tokenize=False)
     prompts.append(tok(text, add_special_tokens=False)["input_ids"])
 
-def tps(pool, concurrency):
+def tps(pool, concurrency, mixed=False):
     engine = Engine(lm.model, eos_token_ids=lm.eos_token_ids, max_context=lm.max_context,
                     pad_token_id=tok.pad_token_id, pool=pool, config=EngineConfig(max_running=32))
     engine.start()
-    params = SamplingParams(max_tokens=TOKENS, temperature=0.0, ignore_eos=True)
-    queue = list(prompts[: max(concurrency * 2, 4)])
+    # mixed: lengths 16-112, so rows join and leave the batch every few steps
+    lengths = (16, 40, 64, 112) if mixed else (TOKENS,)
+    count = concurrency * 4 if mixed else max(concurrency * 2, 4)
+    queue = [(prompts[i % len(prompts)],
+              SamplingParams(max_tokens=lengths[i % len(lengths)], temperature=0.0,
+                             ignore_eos=True)) for i in range(count)]
     lock, produced = threading.Lock(), [0]
     def client():
         while True:
             with lock:
                 if not queue:
                     return
-                prompt = queue.pop()
+                prompt, params = queue.pop()
             events = engine.generate(prompt, params)
             with lock:
                 produced[0] += sum(e.token_id is not None for e in events)
@@ -83,7 +88,8 @@ def add_sets(pool):
                 torch.randn(16, l.out_features, generator=g) * 0.01)
             for p, l in pool.layers.items()})
 
-out = {"engine c=1": tps(None, 1), "engine c=16": tps(None, 16)}
+out = {"engine c=1": tps(None, 1), "engine c=16": tps(None, 16),
+       "engine c=16, mixed lengths": tps(None, 16, mixed=True)}
 pool = in_fresh_thread(patch_model, lm.model)
 in_fresh_thread(add_sets, pool)
 out["engine c=16, 10 sets x 16 ranks"] = tps(pool, 16)

@@ -74,10 +74,10 @@ def _merge(engine: Engine, seqs: list[_Sequence], cache: BatchKVCache, mask: Ten
     if engine._cache is None or not engine._running:
         engine._cache, engine._mask, engine._running = cache, mask, list(seqs)
         return
-    merged, pad_old, pad_new = BatchKVCache.merge(engine._cache, cache)
+    pad_old, pad_new = engine._cache.add_rows(cache)
     old_mask = torch.nn.functional.pad(engine._mask, (pad_old, 0))
     new_mask = torch.nn.functional.pad(mask, (pad_new, 0))
-    engine._cache, engine._mask = merged, torch.cat([old_mask, new_mask])
+    engine._mask = torch.cat([old_mask, new_mask])
     engine._running = engine._running + list(seqs)
 
 
@@ -148,20 +148,19 @@ def _finish_reason(engine: Engine, seq: _Sequence, token: int) -> str | None:
 
 
 def retire_rows(engine: Engine, rows: list[int]) -> None:
-    """Take `rows` out of the batch and release their pool snapshots."""
-    gone = set(rows)
+    """Take `rows` out of the batch and release their pool snapshots. The rows left
+    may change places (`BatchKVCache.remove_rows` moves rows from the tail into the
+    holes), and the running list and mask follow the cache's order."""
     for row in rows:
         seq = engine._running[row]
         if seq.snapshot is not None and engine.pool is not None:
             engine.pool.release(seq.snapshot)
-    keep = [i for i in range(len(engine._running)) if i not in gone]
-    engine._running = [engine._running[i] for i in keep]
-    if not keep:
-        engine._cache, engine._mask = None, None
+    if len(set(rows)) == len(engine._running):
+        engine._running, engine._cache, engine._mask = [], None, None
         return
-    index = torch.tensor(keep, device=engine.device)
-    engine._cache.select_rows(index)
-    engine._mask = engine._mask.index_select(0, index)
+    order = engine._cache.remove_rows(rows)
+    engine._running = [engine._running[i] for i in order]
+    engine._mask = engine._mask.index_select(0, torch.tensor(order, device=engine.device))
     # Columns that are padding in every remaining row are dead weight for attention.
     used = engine._mask.any(dim=0).nonzero()
     dead = int(used[0]) if used.numel() else 0

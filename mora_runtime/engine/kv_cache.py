@@ -1,16 +1,21 @@
 """A batched KV cache for continuous batching on top of Hugging Face attention.
 
 Every running sequence is a row; rows are right-aligned (left-padded) so that all of them
-write their next token into the same column, as in a static padded batch. Buffers are
-preallocated with amortised doubling, so a decode step writes one column instead of
-concatenating the whole cache (what `DynamicLayer` does, O(length) per step). Rows join by a
-merge and leave by a row selection; both copy, but they happen once per request, not per
-token.
+write their next token into the same column, as in a static padded batch. Each layer keeps
+preallocated buffers with room for more rows and columns (amortised doubling), and exposes
+the part in use as views: a decode step writes one column, a joining request writes only
+its own rows (into free rows, its left padding into the columns in front), and a leaving
+request frees its row by moving at most one other row into it. The whole cache is copied
+only when a buffer runs out of room, or when a joining prompt is longer than the running
+rows and the columns in front of them are used up.
 
-Shape legend: S = rows (sequences), H = KV heads, L = columns in use, C = capacity, d = head dim.
+Shape legend: S = rows in use, R = row capacity, H = KV heads, L = columns in use,
+C = column capacity, d = head dim. A layer's columns in use start at `start` in its buffer.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from torch import Tensor
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
@@ -19,38 +24,102 @@ _MIN_CAPACITY = 64
 
 
 class BatchKVLayer(DynamicLayer):
-    """One layer's keys/values [S, H, C, d] with the first L columns in use."""
+    """One layer's keys/values: `keys`/`values` [S, H, C - start, d] are views of buffers
+    [R, H, C, d] whose first `length` columns from `start` are in use."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.length = 0
+        self.rows = self.start = self.length = 0
+        self._keys: Tensor | None = None  # [R, H, C, d]
+        self._values: Tensor | None = None
+
+    @classmethod
+    def holding(cls, keys: Tensor, values: Tensor, length: int) -> BatchKVLayer:
+        """A layer whose buffers are `keys`/`values` [S, H, C, d] (not copied), the first
+        `length` columns in use."""
+        layer = cls()
+        layer._keys, layer._values = keys, values
+        layer.rows, layer.length = keys.shape[0], length
+        layer.device, layer.is_initialized = keys.device, True
+        layer._views()
+        return layer
+
+    def _views(self) -> None:
+        self.keys = self._keys[: self.rows, :, self.start :]
+        self.values = self._values[: self.rows, :, self.start :]
+
+    @property
+    def capacity(self) -> tuple[int, int]:
+        """(R, C) of the buffers."""
+        return self._keys.shape[0], self._keys.shape[2]
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         self.device = key_states.device
         self.is_initialized = True
-        self._allocate(key_states, value_states, max(_MIN_CAPACITY, 2 * key_states.shape[-2]))
+        rows, heads, new, k_dim = key_states.shape
+        columns = max(_MIN_CAPACITY, 2 * new)
+        self._keys = key_states.new_empty(rows, heads, columns, k_dim)
+        self._values = value_states.new_empty(rows, heads, columns, value_states.shape[-1])
+        self.rows = rows
+        self._views()
 
-    def _allocate(self, key_like: Tensor, value_like: Tensor, capacity: int) -> None:
-        rows, heads, _, k_dim = key_like.shape
-        v_dim = value_like.shape[-1]
-        keys = key_like.new_zeros(rows, heads, capacity, k_dim)  # [S, H, C, d]
-        values = value_like.new_zeros(rows, heads, capacity, v_dim)
-        if self.length:
-            keys[:, :, : self.length] = self.keys[:, :, : self.length]
-            values[:, :, : self.length] = self.values[:, :, : self.length]
-        self.keys, self.values = keys, values
+    def _reallocate(self, rows: int, columns: int, shift: int = 0) -> None:
+        """New buffers [rows, H, columns, d]; the rows in use keep their columns in use,
+        moved `shift` columns right of the buffer's first column (which becomes `start`),
+        zeros in front. The rest is left unset: every column is written before it is
+        read (by `update`, or zeroed as padding by `add_rows`)."""
+        old_keys, old_values = self.keys[:, :, : self.length], self.values[:, :, : self.length]
+        heads, k_dim, v_dim = old_keys.shape[1], old_keys.shape[-1], old_values.shape[-1]
+        self._keys = old_keys.new_empty(rows, heads, columns, k_dim)
+        self._values = old_values.new_empty(rows, heads, columns, v_dim)
+        for new, old in ((self._keys, old_keys), (self._values, old_values)):
+            new[: self.rows, :, :shift] = 0
+            new[: self.rows, :, shift : shift + self.length] = old
+        self.start = 0
+        self._views()
 
-    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         new = key_states.shape[-2]
         end = self.length + new
-        if end > self.keys.shape[-2]:
-            self._allocate(self.keys, self.values, max(2 * self.keys.shape[-2], end))
-        self.keys[:, :, self.length : end] = key_states
-        self.values[:, :, self.length : end] = value_states
+        rows, columns = self.capacity
+        if self.start + end > columns:
+            self._reallocate(rows, max(2 * (columns - self.start), end))
+        first = self.start + self.length
+        self._keys[: self.rows, :, first : first + new] = key_states
+        self._values[: self.rows, :, first : first + new] = value_states
         self.length = end
         return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def add_rows(self, other: BatchKVLayer, length: int) -> None:
+        """Append `other`'s rows after these, both right-aligned to `length` columns
+        (>= both lengths); the padding in front of either is zeroed."""
+        grow = length - self.length  # padding in front of the rows already here
+        rows = self.rows + other.rows
+        row_capacity, columns = self.capacity
+        if rows > row_capacity or grow > self.start:
+            self._reallocate(
+                max(rows, 2 * row_capacity if rows > row_capacity else row_capacity),
+                max(_MIN_CAPACITY, 2 * length, columns),
+                shift=grow,
+            )
+        else:
+            self.start -= grow
+            self._keys[: self.rows, :, self.start : self.start + grow] = 0
+            self._values[: self.rows, :, self.start : self.start + grow] = 0
+        pad, first, end = length - other.length, self.start, self.start + length
+        for mine, theirs in ((self._keys, other.keys), (self._values, other.values)):
+            mine[self.rows : rows, :, first : first + pad] = 0
+            mine[self.rows : rows, :, first + pad : end] = theirs[:, :, : other.length]
+        self.rows, self.length = rows, length
+        self._views()
+
+    def move_rows(self, destinations: list[int], sources: list[int]) -> None:
+        """Copy the columns in use of rows `sources` into rows `destinations`."""
+        span = slice(self.start, self.start + self.length)
+        for buffer in (self._keys, self._values):
+            buffer[destinations, :, span] = buffer[sources, :, span]
 
     def get_seq_length(self) -> int:
         return self.length
@@ -59,12 +128,26 @@ class BatchKVLayer(DynamicLayer):
         return self.length + query_length, 0
 
     def reset(self) -> None:
-        self.keys = self.values = None
-        self.length = 0
+        self.keys = self.values = self._keys = self._values = None
+        self.rows = self.start = self.length = 0
         self.is_initialized = False
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("rows are trimmed with BatchKVCache.trim_left")
+
+
+def compaction(rows: int, remove: list[int]) -> list[int]:
+    """The row order after taking `remove` out of `rows` rows with the fewest moves: kept
+    rows stay where they are, and the rows that left in front are filled from the tail.
+    `order[i]` is the old row now at row i."""
+    gone = set(remove)
+    kept = rows - len(gone)
+    order = list(range(kept))
+    holes = [row for row in range(kept) if row in gone]
+    tail = [row for row in range(kept, rows) if row not in gone]
+    for hole, row in zip(holes, tail, strict=True):
+        order[hole] = row
+    return order
 
 
 class BatchKVCache(DynamicCache):
@@ -78,12 +161,31 @@ class BatchKVCache(DynamicCache):
     def length(self) -> int:
         return self.layers[0].length if self.layers else 0
 
-    def select_rows(self, rows: Tensor) -> None:
-        """Keep only `rows` [S'] (in that order)."""
+    @property
+    def rows(self) -> int:
+        return self.layers[0].rows if self.layers else 0
+
+    def add_rows(self, other: BatchKVCache) -> tuple[int, int]:
+        """Append `other`'s rows after these, right-aligned; returns (pad_self, pad_other),
+        the columns of left padding added in front of each one's rows."""
+        before, length = self.length, max(self.length, other.length)
+        for mine, theirs in zip(self.layers, other.layers, strict=True):
+            mine.add_rows(theirs, length)
+        return length - before, length - other.length
+
+    def remove_rows(self, rows: list[int]) -> list[int]:
+        """Take `rows` out; returns the new order (`compaction`): order[i] is the old row
+        now at row i."""
+        order = compaction(self.rows, rows)
+        moved = [(new, old) for new, old in enumerate(order) if new != old]
         for layer in self.layers:
-            if layer.is_initialized:
-                layer.keys = layer.keys.index_select(0, rows)
-                layer.values = layer.values.index_select(0, rows)
+            if not layer.is_initialized:
+                continue
+            if moved:
+                layer.move_rows([new for new, _ in moved], [old for _, old in moved])
+            layer.rows = len(order)
+            layer._views()
+        return order
 
     def truncate(self, length: int) -> None:
         """Forget every column at or past `length` (undoes a forward that failed midway)."""
@@ -94,11 +196,12 @@ class BatchKVCache(DynamicCache):
     def copy_rows(self, rows: Tensor) -> BatchKVCache:
         """A new cache holding copies of `rows` [S'] (the original is left untouched)."""
         out = type(self)(len(self.layers))
-        for new, old in zip(out.layers, self.layers, strict=True):
-            if old.is_initialized:
-                new.keys = old.keys.index_select(0, rows)
-                new.values = old.values.index_select(0, rows)
-                new.length, new.device, new.is_initialized = old.length, old.device, True
+        out.layers = [
+            BatchKVLayer.holding(
+                old.keys.index_select(0, rows), old.values.index_select(0, rows), old.length
+            )
+            for old in self.layers
+        ]
         return out
 
     def trim_left(self, columns: int) -> None:
@@ -107,30 +210,9 @@ class BatchKVCache(DynamicCache):
             return
         for layer in self.layers:
             if layer.is_initialized:
-                layer.keys = layer.keys[:, :, columns:]
-                layer.values = layer.values[:, :, columns:]
+                layer.start += columns
                 layer.length -= columns
-
-    @classmethod
-    def merge(cls, first: BatchKVCache, second: BatchKVCache) -> tuple[BatchKVCache, int, int]:
-        """Stack two caches row-wise, right-aligned; returns (cache, pad_first, pad_second),
-        the columns of left padding added in front of each input's rows."""
-        length = max(first.length, second.length)
-        merged = cls(len(first.layers))
-        for out, a, b in zip(merged.layers, first.layers, second.layers, strict=True):
-            rows = a.keys.shape[0] + b.keys.shape[0]
-            heads, k_dim, v_dim = a.keys.shape[1], a.keys.shape[-1], a.values.shape[-1]
-            capacity = max(_MIN_CAPACITY, 2 * length)
-            keys = a.keys.new_zeros(rows, heads, capacity, k_dim)  # [S, H, C, d]
-            values = a.values.new_zeros(rows, heads, capacity, v_dim)
-            split = a.keys.shape[0]
-            keys[:split, :, length - a.length : length] = a.keys[:, :, : a.length]
-            values[:split, :, length - a.length : length] = a.values[:, :, : a.length]
-            keys[split:, :, length - b.length : length] = b.keys[:, :, : b.length]
-            values[split:, :, length - b.length : length] = b.values[:, :, : b.length]
-            out.keys, out.values, out.length = keys, values, length
-            out.device, out.is_initialized = keys.device, True
-        return merged, length - first.length, length - second.length
+                layer._views()
 
     @classmethod
     def from_blocks(
@@ -142,7 +224,8 @@ class BatchKVCache(DynamicCache):
         sample = next(blocks[0] for blocks in rows if blocks)
         cache = cls(num_layers)
         capacity = max(_MIN_CAPACITY, 2 * length)
-        for index, layer in enumerate(cache.layers):
+        layers = []
+        for index in range(num_layers):
             k0, v0 = sample[2 * index], sample[2 * index + 1]
             keys = k0.new_zeros(len(rows), k0.shape[0], capacity, k0.shape[-1])  # [S, H, C, d]
             values = v0.new_zeros(len(rows), v0.shape[0], capacity, v0.shape[-1])
@@ -152,6 +235,6 @@ class BatchKVCache(DynamicCache):
                     columns = slice(start + i * block, start + (i + 1) * block)
                     keys[r, :, columns] = kv[2 * index]
                     values[r, :, columns] = kv[2 * index + 1]
-            layer.keys, layer.values, layer.length = keys, values, length
-            layer.device, layer.is_initialized = keys.device, True
+            layers.append(BatchKVLayer.holding(keys, values, length))
+        cache.layers = layers
         return cache
