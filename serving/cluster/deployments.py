@@ -122,6 +122,7 @@ class LMServer(ReplicaBase):
 
     def _on_step(self, timing, per_token) -> None:  # engine thread
         self.metrics.observe_routing(self.model_name, per_token)
+        self.metrics.observe_step(self.model_name, timing.seconds, timing.prefill_tokens > 0)
         self.metrics.set_queue(self.model_name, timing.running, timing.waiting)
 
     def _refresh_gauges(self) -> None:

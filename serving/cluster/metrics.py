@@ -25,6 +25,7 @@ TTFT_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10
 ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1]
 LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300]
 LOAD_BUCKETS = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30]
+STEP_BUCKETS = [0.002, 0.005, 0.0075, 0.01, 0.0125, 0.015, 0.02, 0.03, 0.05, 0.1, 0.2, 0.5, 1, 5]
 
 
 class ServerMetrics:
@@ -80,6 +81,13 @@ class ServerMetrics:
             description="Tokens generated.",
             tag_keys=("model",),
         )
+        self.step_seconds = m.Histogram(
+            "mora_engine_step_seconds",
+            description="Duration of one engine step (a prefill of the admitted prompts, or a "
+            "decode of every running sequence).",
+            boundaries=STEP_BUCKETS,
+            tag_keys=("model", "phase"),
+        )
         self.running = m.Gauge(
             "mora_num_requests_running",
             description="Sequences in the running batch.",
@@ -112,6 +120,10 @@ class ServerMetrics:
             tags = {"model": model, "module_kind": kind}
             for value in values:
                 self.active_ranks.observe(value, tags=tags)
+
+    def observe_step(self, model: str, seconds: float, prefill: bool) -> None:
+        phase = "prefill" if prefill else "decode"
+        self.step_seconds.observe(seconds, tags={"model": model, "phase": phase})
 
     def count_set_activations(self, model: str, routing: SequenceRouting) -> None:
         for name, count in routing.set_activations.items():

@@ -24,6 +24,7 @@ EXPORTED = (
     "ray_mora_pool_experts",
     "ray_mora_num_requests_running",
     "ray_mora_num_requests_waiting",
+    "ray_mora_engine_step_seconds_bucket",
 )
 
 
