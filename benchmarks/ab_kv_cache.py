@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import statistics
-import threading
-import time
 from pathlib import Path
 
 import torch
@@ -86,33 +84,14 @@ def use(cache_class: type, merge, retire) -> None:
     batch.retire_rows = core.retire_rows = isolation.retire_rows = retire
 
 
-def closed_loop(engine: Engine, prompts: list[list[int]], concurrency: int) -> float:
-    queue = [
+def mixed_requests(prompts: list[list[int]], concurrency: int) -> list:
+    return [
         (
             prompts[i % len(prompts)],
             SamplingParams(max_tokens=LENGTHS[i % 4], temperature=0.0, ignore_eos=True),
         )
         for i in range(concurrency * 4)
     ]
-    lock, produced = threading.Lock(), [0]
-
-    def client() -> None:
-        while True:
-            with lock:
-                if not queue:
-                    return
-                prompt, params = queue.pop()
-            events = engine.generate(prompt, params)
-            with lock:
-                produced[0] += sum(e.token_id is not None for e in events)
-
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
-    started = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return produced[0] / (time.perf_counter() - started)
 
 
 def main() -> None:
@@ -126,6 +105,7 @@ def main() -> None:
         "old": (old_class, *old_surgery(old_class)),
         "new": (forward.BatchKVCache, batch._merge, batch.retire_rows),
     }
+    bench = load_engine_benchmark()
     lm = in_fresh_thread(load_causal_lm, weights="int4")
     tok = lm.tokenizer
     prompts = [
@@ -135,7 +115,7 @@ def main() -> None:
             ),
             add_special_tokens=False,
         )["input_ids"]
-        for q in load_engine_benchmark().QUESTIONS
+        for q in bench.QUESTIONS
     ]
     engine = Engine(
         lm.model,
@@ -151,7 +131,8 @@ def main() -> None:
             for side in ("old", "new") if r % 2 == 0 else ("new", "old"):
                 use(*sides[side])
                 for concurrency in (16, 32):
-                    value = closed_loop(engine, prompts, concurrency)
+                    requests = mixed_requests(prompts, concurrency)
+                    value = bench.closed_loop_tps(engine, requests, concurrency)
                     figures.setdefault((side, concurrency), []).append(value)
                     print(f"round {r + 1} {side} c={concurrency}: {value:.1f} tok/s", flush=True)
     finally:

@@ -85,7 +85,15 @@ def generate_tps(lm, prompts: list[list[int]], tokens: int, batch: int) -> float
 def engine_tps(engine: Engine, prompts: list[list[int]], tokens: int, concurrency: int) -> float:
     """Closed loop: `concurrency` clients, each sending its next request when one ends."""
     params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
-    queue = list(prompts)
+    return closed_loop_tps(engine, [(prompt, params) for prompt in prompts], concurrency)
+
+
+def closed_loop_tps(
+    engine: Engine, requests: list[tuple[list[int], SamplingParams]], concurrency: int
+) -> float:
+    """Generated tokens/s of `requests` from `concurrency` clients, each sending its next
+    request when one ends."""
+    queue = list(requests)
     lock = threading.Lock()
     produced = 0
 
@@ -95,7 +103,7 @@ def engine_tps(engine: Engine, prompts: list[list[int]], tokens: int, concurrenc
             with lock:
                 if not queue:
                     return
-                prompt = queue.pop()
+                prompt, params = queue.pop()
             events: list[TokenEvent] = engine.generate(prompt, params)
             with lock:
                 produced += sum(e.token_id is not None for e in events)

@@ -1,6 +1,7 @@
 """How fast the server says no: overload bursts and oversized prompts, edge limits on vs off.
 
-    .venv/bin/python benchmarks/overload.py [--burst 400] [--rounds 2] [--out PATH]
+    .venv/bin/python benchmarks/overload.py [--burst 400] [--rate 20] [--seconds 15]
+        [--rounds 2] [--out PATH]
 
 Starts the default LM (CLIP off) twice per round, alternating: with the edge limits of the
 default config (completions past replicas x (max_ongoing + max_queued) refused on arrival,
@@ -10,6 +11,9 @@ full before its length is judged). Each server gets:
 - a burst of `--burst` concurrent 16-token completions: latency of the 503s and the 200s;
 - while the burst is in flight, GET /health one call after another: the floor any answer
   pays on the way through Ray Serve's HTTP proxy to the ingress in that state;
+- sustained overload: 64-token completions arriving open-loop at `--rate` per second for
+  `--seconds` (several times what one replica finishes), so the server stays full and every
+  further arrival is refused one at a time, not queued behind hundreds of others;
 - a 20 MB body (413 before parsing, the same in both: a reference) and a 4 MB text prompt.
 Prints the percentiles and the ratios off / on, writes `benchmarks/results/overload.md`.
 """
@@ -68,6 +72,27 @@ async def burst(url: str, model: str, n: int) -> dict[str, list[float]]:
     return by_outcome
 
 
+async def saturated(url: str, model: str, rate: float, seconds: float) -> dict[str, list[float]]:
+    """Completions arriving open-loop at `rate` per second for `seconds`; seconds per
+    outcome."""
+    n = int(rate * seconds)
+    limits = httpx.Limits(max_connections=n + 8, max_keepalive_connections=0)
+    body = {"model": model, "prompt": "Tell me about the sea.", "max_tokens": 64}
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+
+        async def one(delay: float) -> tuple[str, float]:
+            await asyncio.sleep(delay)
+            started = time.perf_counter()
+            response = await client.post(f"{url}/v1/completions", json=body)
+            return outcome(response), time.perf_counter() - started
+
+        results = await asyncio.gather(*(one(i / rate) for i in range(n)))
+    by_outcome: dict[str, list[float]] = {}
+    for key, elapsed in results:
+        by_outcome.setdefault(key, []).append(elapsed)
+    return by_outcome
+
+
 def outcome(response: httpx.Response) -> str:
     if response.status_code == 200:
         return "200"
@@ -88,7 +113,7 @@ def big(url: str, model: str, chars: int) -> tuple[int, float]:
     return response.status_code, time.perf_counter() - started
 
 
-def measure(limits_on: bool, burst_n: int, root: Path) -> dict[str, tuple[int, float] | list]:
+def measure(limits_on: bool, args: argparse.Namespace, root: Path) -> dict[str, tuple | list]:
     from serving.cluster import launcher
     from serving.config import ServerConfig
 
@@ -118,7 +143,9 @@ def measure(limits_on: bool, burst_n: int, root: Path) -> dict[str, tuple[int, f
         model = cfg.lm.served_name
         httpx.post(f"{url}/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 1})
         out: dict[str, tuple[int, float] | list] = {}
-        measured = {f"burst {k}": v for k, v in asyncio.run(burst(url, model, burst_n)).items()}
+        measured = {f"burst {k}": v for k, v in asyncio.run(burst(url, model, args.burst)).items()}
+        sustained = asyncio.run(saturated(url, model, args.rate, args.seconds))
+        measured |= {f"saturated {k}": v for k, v in sustained.items()}
         for key, seconds in sorted(measured.items()):
             print(
                 f"  {key}: {len(seconds)}, p50 {pct(seconds, 0.5):.3f} s, "
@@ -137,6 +164,8 @@ def measure(limits_on: bool, burst_n: int, root: Path) -> dict[str, tuple[int, f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--burst", type=int, default=400)
+    parser.add_argument("--rate", type=float, default=20.0, help="sustained arrivals per second")
+    parser.add_argument("--seconds", type=float, default=15.0, help="sustained overload, s")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -145,11 +174,12 @@ def main() -> None:
         for round_ in range(args.rounds):
             order = (True, False) if round_ % 2 == 0 else (False, True)
             for limits_on in order:
-                runs[limits_on].append(measure(limits_on, args.burst, Path(tmp)))
+                runs[limits_on].append(measure(limits_on, args, Path(tmp)))
 
     lines = [
-        f"Burst of {args.burst} concurrent 16-token completions against the default LM (one "
-        f"replica, CLIP off), {args.rounds} rounds alternating limits on/off; seconds.",
+        f"Burst of {args.burst} concurrent 16-token completions, then 64-token completions "
+        f"arriving at {args.rate:g}/s for {args.seconds:g} s (saturated), against the default "
+        f"LM (one replica, CLIP off), {args.rounds} rounds alternating limits on/off; seconds.",
         "",
         "| what | limits on | limits off | off / on |",
         "|---|---:|---:|---:|",
