@@ -87,8 +87,12 @@ class InProcess:
 
 
 def step_totals(metrics_url: str) -> dict[str, tuple[float, float]]:
-    """(sum, count) of `mora_engine_step_seconds` per phase, over replicas."""
-    text = httpx.get(metrics_url, timeout=10.0).text
+    return parse_step_totals(httpx.get(metrics_url, timeout=10.0).text)
+
+
+def parse_step_totals(text: str) -> dict[str, tuple[float, float]]:
+    """(sum, count) of `mora_engine_step_seconds` per phase in Prometheus text, summed over
+    replicas."""
     out: dict[str, list[float]] = {}
     pattern = r'^ray_mora_engine_step_seconds_(sum|count)\{[^}]*phase="(\w+)"[^}]*\} (\S+)$'
     for kind, phase, value in re.findall(pattern, text, flags=re.M):

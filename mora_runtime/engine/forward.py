@@ -234,7 +234,8 @@ def sample(seqs: list[_Sequence], logits: Tensor, *, trial: bool = False) -> lis
     (always, with `trial`), so a retried step draws the same tokens."""
     for seq in seqs:
         if seq.params.penalised and seq.counts is None:
-            seq.counts = torch.zeros(logits.shape[-1], dtype=torch.float32)
+            # On the logits' device: counting a token and stacking the counts stay there.
+            seq.counts = torch.zeros(logits.shape[-1], dtype=torch.float32, device=logits.device)
     states = [
         (s.generator, s.generator.get_state())
         for s in seqs
