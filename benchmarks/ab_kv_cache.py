@@ -10,7 +10,8 @@ else ran): one engine, one model, and the two caches swapped in turn (the old mo
 from its file, with the row surgery it came with) keep everything else equal. Closed-loop
 clients at concurrency 16 and 32 send int4 SmolLM2 greedy completions of 16, 40, 64 and 112
 tokens mixed, so requests join and leave the batch every few steps; it prints tokens/s per
-run and the medians' ratio.
+run and the medians' ratio, and, per side, the mean time of a join (merging the prefilled
+rows into the batch), of a leave (retiring finished rows) and of a decode step.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import statistics
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,9 +28,7 @@ from bench_common import HERE, load_engine_benchmark, write_report
 
 from mora_runtime.cpu.openmp import in_fresh_thread
 from mora_runtime.engine import batch, core, forward, isolation
-from mora_runtime.engine.core import Engine
 from mora_runtime.engine.params import SamplingParams
-from mora_runtime.engine.types import EngineConfig
 from mora_runtime.models.lm import load_causal_lm
 
 LENGTHS = (16, 40, 64, 112)
@@ -78,9 +79,39 @@ def old_surgery(cache_class: type):
     return merge, retire
 
 
-def use(cache_class: type, merge, retire) -> None:
+class Timings:
+    """Seconds spent per operation of the side in use ("join", "leave", "decode")."""
+
+    def __init__(self) -> None:
+        self.side = ""
+        self.seconds: dict[tuple[str, str], list[float]] = {}
+
+    def add(self, operation: str, seconds: float) -> None:
+        self.seconds.setdefault((self.side, operation), []).append(seconds)
+
+    def timed(self, operation: str, fn: Callable) -> Callable:
+        def wrapper(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.add(operation, time.perf_counter() - started)
+
+        return wrapper
+
+    def on_step(self, timing, _per_token) -> None:  # engine thread
+        if timing.decode_tokens:
+            self.add("decode", timing.seconds)
+
+    def mean_ms(self, side: str, operation: str) -> float:
+        return statistics.mean(self.seconds.get((side, operation), [float("nan")])) * 1e3
+
+
+def use(timings: Timings, side: str, cache_class: type, merge, retire) -> None:
+    timings.side = side
     forward.BatchKVCache = cache_class
-    batch._merge = merge
+    batch._merge = timings.timed("join", merge)
+    retire = timings.timed("leave", retire)
     batch.retire_rows = core.retire_rows = isolation.retire_rows = retire
 
 
@@ -107,29 +138,15 @@ def main() -> None:
     }
     bench = load_engine_benchmark()
     lm = in_fresh_thread(load_causal_lm, weights="int4")
-    tok = lm.tokenizer
-    prompts = [
-        tok(
-            tok.apply_chat_template(
-                [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False
-            ),
-            add_special_tokens=False,
-        )["input_ids"]
-        for q in bench.QUESTIONS
-    ]
-    engine = Engine(
-        lm.model,
-        eos_token_ids=lm.eos_token_ids,
-        max_context=lm.max_context,
-        pad_token_id=tok.pad_token_id,
-        config=EngineConfig(max_running=32),
-    )
+    prompts = [bench.prompt_ids(lm.tokenizer, i) for i in range(len(bench.QUESTIONS))]
+    timings = Timings()
+    engine = bench.lm_engine(lm, max_running=32, on_step=timings.on_step)
     engine.start()
     figures: dict[tuple[str, int], list[float]] = {}
     try:
         for r in range(args.rounds):
             for side in ("old", "new") if r % 2 == 0 else ("new", "old"):
-                use(*sides[side])
+                use(timings, side, *sides[side])
                 for concurrency in (16, 32):
                     requests = mixed_requests(prompts, concurrency)
                     value = bench.closed_loop_tps(engine, requests, concurrency)
@@ -152,6 +169,16 @@ def main() -> None:
             f"{statistics.median(new) / statistics.median(old):.2f}x | "
             f"{', '.join(f'{v:.0f}' for v in old)} | {', '.join(f'{v:.0f}' for v in new)} |"
         )
+    lines += [
+        "",
+        "Mean ms per operation, all runs of a side:",
+        "",
+        "| operation | old | new | new/old |",
+        "|---|---:|---:|---:|",
+    ]
+    for operation in ("join", "leave", "decode"):
+        old_ms, new_ms = (timings.mean_ms(side, operation) for side in ("old", "new"))
+        lines.append(f"| {operation} | {old_ms:.2f} | {new_ms:.2f} | {new_ms / old_ms:.2f}x |")
     write_report(args.out, "KV cache: whole-cache copies against row surgery", "\n".join(lines))
 
 

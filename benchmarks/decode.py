@@ -82,6 +82,20 @@ def generate_tps(lm, prompts: list[list[int]], tokens: int, batch: int) -> float
     return produced / (time.perf_counter() - started)
 
 
+def lm_engine(lm: LoadedLM, *, pool=None, on_step=None, **config) -> Engine:
+    """An engine over `lm` (its own EOS ids, context and pad id), not started; `config` are
+    `EngineConfig` fields."""
+    return Engine(
+        lm.model,
+        eos_token_ids=lm.eos_token_ids,
+        max_context=lm.max_context,
+        pad_token_id=lm.tokenizer.pad_token_id or 0,
+        pool=pool,
+        config=EngineConfig(**config),
+        on_step=on_step,
+    )
+
+
 def engine_tps(engine: Engine, prompts: list[list[int]], tokens: int, concurrency: int) -> float:
     """Closed loop: `concurrency` clients, each sending its next request when one ends."""
     params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
@@ -181,14 +195,7 @@ def main() -> None:
     results: dict[str, float] = {}
 
     def run_engine(label: str, lm: LoadedLM, concurrency: int, pool=None) -> None:
-        engine = Engine(
-            lm.model,
-            eos_token_ids=lm.eos_token_ids,
-            max_context=lm.max_context,
-            pad_token_id=lm.tokenizer.pad_token_id,
-            pool=pool,
-            config=EngineConfig(max_running=32),
-        )
+        engine = lm_engine(lm, pool=pool, max_running=32)
         engine.start()
         try:
             n = max(concurrency * 2, 4) if concurrency > 1 else 4

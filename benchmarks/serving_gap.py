@@ -31,9 +31,7 @@ from peers import chat_prompts, measure, mora_config
 
 from loadtest.server_process import ServerProcess, find_mora, read_addresses
 from mora_runtime.cpu.openmp import in_fresh_thread
-from mora_runtime.engine.core import Engine
 from mora_runtime.engine.params import SamplingParams
-from mora_runtime.engine.types import EngineConfig
 from mora_runtime.models.lm import load_causal_lm
 
 TOKENS = 64
@@ -51,14 +49,8 @@ class InProcess:
     def __init__(self) -> None:
         self.lm = in_fresh_thread(load_causal_lm, weights="int4")
         self.steps: dict[str, list[float]] = {"decode": [], "prefill": []}
-        self.engine = Engine(
-            self.lm.model,
-            eos_token_ids=self.lm.eos_token_ids,
-            max_context=self.lm.max_context,
-            pad_token_id=self.lm.tokenizer.pad_token_id or 0,
-            config=EngineConfig(max_running=32),
-            on_step=self._on_step,
-        )
+        bench = load_engine_benchmark()
+        self.engine = bench.lm_engine(self.lm, max_running=32, on_step=self._on_step)
         self.engine.start()
 
     def _on_step(self, timing, _per_token) -> None:

@@ -99,11 +99,8 @@ class BatchKVLayer(DynamicLayer):
         rows = self.rows + other.rows
         row_capacity, columns = self.capacity
         if rows > row_capacity or grow > self.start:
-            self._reallocate(
-                max(rows, 2 * row_capacity if rows > row_capacity else row_capacity),
-                max(_MIN_CAPACITY, 2 * length, columns),
-                shift=grow,
-            )
+            new_rows = max(rows, 2 * row_capacity) if rows > row_capacity else row_capacity
+            self._reallocate(new_rows, max(_MIN_CAPACITY, 2 * length, columns), shift=grow)
         else:
             self.start -= grow
             self._keys[: self.rows, :, self.start : self.start + grow] = 0
@@ -115,11 +112,23 @@ class BatchKVLayer(DynamicLayer):
         self.rows, self.length = rows, length
         self._views()
 
-    def move_rows(self, destinations: list[int], sources: list[int]) -> None:
-        """Copy the columns in use of rows `sources` into rows `destinations`."""
-        span = slice(self.start, self.start + self.length)
-        for buffer in (self._keys, self._values):
-            buffer[destinations, :, span] = buffer[sources, :, span]
+    def reorder(self, order: list[int]) -> None:
+        """Keep rows `order` (`compaction`'s: every moved row comes from past the new
+        end, so no row is overwritten before it is read), row i being old row order[i]."""
+        moved = [(new, old) for new, old in enumerate(order) if new != old]
+        if moved:
+            span = slice(self.start, self.start + self.length)
+            destinations, sources = [new for new, _ in moved], [old for _, old in moved]
+            for buffer in (self._keys, self._values):
+                buffer[destinations, :, span] = buffer[sources, :, span]
+        self.rows = len(order)
+        self._views()
+
+    def trim_left(self, columns: int) -> None:
+        """Drop the first `columns` columns in use."""
+        self.start += columns
+        self.length -= columns
+        self._views()
 
     def get_seq_length(self) -> int:
         return self.length
@@ -177,14 +186,9 @@ class BatchKVCache(DynamicCache):
         """Take `rows` out; returns the new order (`compaction`): order[i] is the old row
         now at row i."""
         order = compaction(self.rows, rows)
-        moved = [(new, old) for new, old in enumerate(order) if new != old]
         for layer in self.layers:
-            if not layer.is_initialized:
-                continue
-            if moved:
-                layer.move_rows([new for new, _ in moved], [old for _, old in moved])
-            layer.rows = len(order)
-            layer._views()
+            if layer.is_initialized:
+                layer.reorder(order)
         return order
 
     def truncate(self, length: int) -> None:
@@ -210,9 +214,7 @@ class BatchKVCache(DynamicCache):
             return
         for layer in self.layers:
             if layer.is_initialized:
-                layer.start += columns
-                layer.length -= columns
-                layer._views()
+                layer.trim_left(columns)
 
     @classmethod
     def from_blocks(
