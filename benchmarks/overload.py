@@ -1,13 +1,15 @@
 """How fast the server says no: overload bursts and oversized prompts, edge limits on vs off.
 
     .venv/bin/python benchmarks/overload.py [--burst 400] [--rate 20] [--seconds 15]
-        [--rounds 2] [--out PATH]
+        [--rounds 3] [--out PATH]
 
-Starts the default LM (CLIP off) twice per round, alternating: with the edge limits of the
-default config (completions past replicas x (max_ongoing + max_queued) refused on arrival,
-text prompts over the context x 32 characters refused before tokenising) and with both
-lifted (the model replica's own Ray queue refuses the overload; the prompt is tokenised in
-full before its length is judged). Each server gets:
+Starts the default LM (CLIP off) three times per round, in rotated order: with the edge
+limits of the default config (completions past replicas x (max_ongoing + max_queued)
+refused on arrival, in Ray Serve's HTTP proxy and at the ingress; text prompts over the
+context x 32 characters refused before tokenising), the same without the proxy's gate
+(refused at the ingress replica only), and with every limit lifted (the model replica's own
+Ray queue refuses the overload; the prompt is tokenised in full before its length is
+judged). Each server gets:
 - a burst of `--burst` concurrent 16-token completions: latency of the 503s and the 200s;
 - while the burst is in flight, GET /health one call after another: the floor any answer
   pays on the way through Ray Serve's HTTP proxy to the ingress in that state;
@@ -15,14 +17,20 @@ full before its length is judged). Each server gets:
   `--seconds` (several times what one replica finishes), so the server stays full and every
   further arrival is refused one at a time, not queued behind hundreds of others;
 - a 20 MB body (413 before parsing, the same in both: a reference) and a 4 MB text prompt.
-Prints the percentiles and the ratios off / on, writes `benchmarks/results/overload.md`.
+Each round first sends the same burst to a bare ASGI app (uvicorn, no Ray, no model) that
+refuses everything: the floor this machine and this client set for the burst's refusals.
+Requests are written on bare sockets, one connection each (`request`), so the client's own
+cost stays out of the figures.
+Prints the percentiles and the ratios to the defaults, writes `benchmarks/results/overload.md`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -43,64 +51,126 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def burst(url: str, model: str, n: int) -> dict[str, list[float]]:
-    """`n` completions at once; seconds per outcome ("200", "503 overloaded", ...)."""
-    limits = httpx.Limits(max_connections=n + 8, max_keepalive_connections=0)
+async def request(port: int, method: str, path: str, body: dict | None = None) -> tuple[str, float]:
+    """One HTTP/1.1 request on its own connection, by hand: (outcome, seconds). A burst of
+    hundreds through httpx costs the client itself most of a second on a small machine,
+    which would be charged to the server; a bare socket costs the client almost nothing."""
+    started = time.perf_counter()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    data = json.dumps(body).encode() if body is not None else b""
+    head = (
+        f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+    )
+    writer.write(head.encode() + data)
+    await writer.drain()
+    response = await reader.read()  # Connection: close: the server ends the response
+    writer.close()
+    elapsed = time.perf_counter() - started
+    status_line, _, rest = response.partition(b"\r\n")
+    status = int(status_line.split()[1])
+    return outcome(status, rest.partition(b"\r\n\r\n")[2]), elapsed
+
+
+async def burst(port: int, model: str, n: int) -> dict[str, list[float]]:
+    """`n` completions at once, with GET /health one call after another meanwhile; seconds
+    per outcome ("200", "503 overloaded", "health 200", ...)."""
     body = {"model": model, "prompt": "Tell me about the sea.", "max_tokens": 16}
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
 
-        async def one() -> tuple[str, float]:
-            started = time.perf_counter()
-            response = await client.post(f"{url}/v1/completions", json=body)
-            return outcome(response), time.perf_counter() - started
+    async def health() -> list[tuple[str, float]]:
+        await asyncio.sleep(0.5)  # the burst is arriving
+        timed = []
+        for _ in range(10):
+            status, seconds = await request(port, "GET", "/health")
+            timed.append((f"health {status.split()[0]}", seconds))
+        return timed
 
-        async def health() -> list[tuple[str, float]]:
-            timed = []
-            await asyncio.sleep(0.5)  # the burst is arriving
-            for _ in range(10):
-                started = time.perf_counter()
-                response = await client.get(f"{url}/health")
-                timed.append((f"health {response.status_code}", time.perf_counter() - started))
-            return timed
-
-        floor = asyncio.ensure_future(health())
-        results = await asyncio.gather(*(one() for _ in range(n)))
-        results += await floor
+    floor = asyncio.ensure_future(health())
+    results = await asyncio.gather(
+        *(request(port, "POST", "/v1/completions", body) for _ in range(n))
+    )
+    results += await floor
     by_outcome: dict[str, list[float]] = {}
     for key, seconds in results:
         by_outcome.setdefault(key, []).append(seconds)
     return by_outcome
 
 
-async def saturated(url: str, model: str, rate: float, seconds: float) -> dict[str, list[float]]:
+def refuse_all(port: int) -> None:
+    """The floor a burst's refusals can reach on this machine: a bare ASGI app (uvicorn,
+    no Ray, no model) that answers every completion with the same 503 body."""
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def refuse(request: Request) -> JSONResponse:
+        await request.body()
+        error = {"message": "at capacity", "type": "server_error", "code": "overloaded"}
+        return JSONResponse({"error": error}, status_code=503, headers={"Retry-After": "1"})
+
+    async def healthy(request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    routes = [Route("/v1/completions", refuse, methods=["POST"]), Route("/health", healthy)]
+    uvicorn.run(Starlette(routes=routes), host="127.0.0.1", port=port, log_level="warning")
+
+
+def measure_floor(args: argparse.Namespace) -> dict[str, list[float]]:
+    from serving.cluster import launcher
+
+    (port,) = launcher.free_ports(1)
+    server = subprocess.Popen([sys.executable, __file__, "--refuse-all", str(port)])
+    try:
+        for _ in range(100):  # up within a few seconds
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        print("floor (a bare ASGI app refusing everything):", flush=True)
+        measured = {f"burst {k}": v for k, v in asyncio.run(burst(port, "m", args.burst)).items()}
+        report(measured)
+        return measured
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def report(measured: dict[str, list[float]]) -> None:
+    for key, seconds in sorted(measured.items()):
+        print(
+            f"  {key}: {len(seconds)}, p50 {pct(seconds, 0.5):.3f} s, "
+            f"p99 {pct(seconds, 0.99):.3f} s",
+            flush=True,
+        )
+
+
+async def saturated(port: int, model: str, rate: float, seconds: float) -> dict[str, list[float]]:
     """Completions arriving open-loop at `rate` per second for `seconds`; seconds per
     outcome."""
-    n = int(rate * seconds)
-    limits = httpx.Limits(max_connections=n + 8, max_keepalive_connections=0)
     body = {"model": model, "prompt": "Tell me about the sea.", "max_tokens": 64}
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
 
-        async def one(delay: float) -> tuple[str, float]:
-            await asyncio.sleep(delay)
-            started = time.perf_counter()
-            response = await client.post(f"{url}/v1/completions", json=body)
-            return outcome(response), time.perf_counter() - started
+    async def one(delay: float) -> tuple[str, float]:
+        await asyncio.sleep(delay)
+        return await request(port, "POST", "/v1/completions", body)
 
-        results = await asyncio.gather(*(one(i / rate) for i in range(n)))
+    results = await asyncio.gather(*(one(i / rate) for i in range(int(rate * seconds))))
     by_outcome: dict[str, list[float]] = {}
     for key, elapsed in results:
         by_outcome.setdefault(key, []).append(elapsed)
     return by_outcome
 
 
-def outcome(response: httpx.Response) -> str:
-    if response.status_code == 200:
+def outcome(status: int, body: bytes) -> str:
+    if status == 200:
         return "200"
-    try:
-        code = response.json()["error"]["code"]
+    try:  # the JSON error object, whether the body came whole or in chunks
+        code = json.loads(body[body.find(b"{") : body.rfind(b"}") + 1])["error"]["code"]
     except (ValueError, KeyError, TypeError):
         code = "(no JSON body)"
-    return f"{response.status_code} {code}"
+    return f"{status} {code}"
 
 
 def big(url: str, model: str, chars: int) -> tuple[int, float]:
@@ -113,19 +183,25 @@ def big(url: str, model: str, chars: int) -> tuple[int, float]:
     return response.status_code, time.perf_counter() - started
 
 
-def measure(limits_on: bool, args: argparse.Namespace, root: Path) -> dict[str, tuple | list]:
+# The servers compared, by the `limits` of their config: the defaults; the same without the
+# proxy's gate (completions refused at the ingress replica only); and every edge limit lifted.
+VARIANTS: dict[str, dict[str, object]] = {
+    "limits on": {},
+    "no proxy gate": {"refuse_at_proxy": False},
+    "limits off": {
+        "refuse_at_proxy": False,
+        "max_inflight_completions": 10**9,
+        "max_prompt_chars_per_token": 10**6,
+    },
+}
+
+
+def measure(label: str, args: argparse.Namespace, root: Path) -> dict[str, tuple | list]:
     from serving.cluster import launcher
     from serving.config import ServerConfig
 
     http_port, metrics_port = launcher.free_ports(2)
-    limits = (
-        {}
-        if limits_on
-        else {
-            "max_inflight_completions": 10**9,
-            "max_prompt_chars_per_token": 10**6,
-        }
-    )
+    limits = VARIANTS[label]
     cfg = ServerConfig.model_validate(
         {
             "port": http_port,
@@ -136,23 +212,19 @@ def measure(limits_on: bool, args: argparse.Namespace, root: Path) -> dict[str, 
         }
     ).resolved()
     url = f"http://127.0.0.1:{http_port}"
-    label = "limits on" if limits_on else "limits off"
     print(f"{label}: starting the server ...", flush=True)
     launcher.start(cfg)
     try:
         model = cfg.lm.served_name
         httpx.post(f"{url}/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 1})
         out: dict[str, tuple[int, float] | list] = {}
-        measured = {f"burst {k}": v for k, v in asyncio.run(burst(url, model, args.burst)).items()}
-        sustained = asyncio.run(saturated(url, model, args.rate, args.seconds))
+        measured = {
+            f"burst {k}": v for k, v in asyncio.run(burst(http_port, model, args.burst)).items()
+        }
+        sustained = asyncio.run(saturated(http_port, model, args.rate, args.seconds))
         measured |= {f"saturated {k}": v for k, v in sustained.items()}
-        for key, seconds in sorted(measured.items()):
-            print(
-                f"  {key}: {len(seconds)}, p50 {pct(seconds, 0.5):.3f} s, "
-                f"p99 {pct(seconds, 0.99):.3f} s",
-                flush=True,
-            )
-            out[key] = seconds
+        report(measured)
+        out |= measured
         for name, chars in (("20 MB body", 20 << 20), ("4 MB prompt", 4 << 20)):
             out[name] = big(url, model, chars)
             print(f"  {name}: {out[name][0]} in {out[name][1]:.3f} s", flush=True)
@@ -166,44 +238,54 @@ def main() -> None:
     parser.add_argument("--burst", type=int, default=400)
     parser.add_argument("--rate", type=float, default=20.0, help="sustained arrivals per second")
     parser.add_argument("--seconds", type=float, default=15.0, help="sustained overload, s")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--refuse-all", type=int, help=argparse.SUPPRESS)  # the floor's server
     args = parser.parse_args()
-    runs: dict[bool, list[dict]] = {True: [], False: []}
+    if args.refuse_all:
+        refuse_all(args.refuse_all)
+        return
+    runs: dict[str, list[dict]] = {label: [] for label in VARIANTS}
+    floors: list[dict[str, list[float]]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.rounds):
-            order = (True, False) if round_ % 2 == 0 else (False, True)
-            for limits_on in order:
-                runs[limits_on].append(measure(limits_on, args, Path(tmp)))
+            floors.append(measure_floor(args))
+            labels = list(VARIANTS)
+            for label in labels[round_ % 3 :] + labels[: round_ % 3]:  # rotated each round
+                runs[label].append(measure(label, args, Path(tmp)))
 
+    names = list(VARIANTS)
     lines = [
         f"Burst of {args.burst} concurrent 16-token completions, then 64-token completions "
         f"arriving at {args.rate:g}/s for {args.seconds:g} s (saturated), against the default "
-        f"LM (one replica, CLIP off), {args.rounds} rounds alternating limits on/off; seconds.",
+        f"LM (one replica, CLIP off), {args.rounds} rounds, the servers in rotated order; "
+        "seconds; in brackets, requests per server.",
         "",
-        "| what | limits on | limits off | off / on |",
-        "|---|---:|---:|---:|",
+        "| what | " + " | ".join(names) + " | " + " | ".join(f"{n} / on" for n in names[1:]) + " |",
+        "|---|" + "---:|" * (2 * len(names) - 1),
     ]
 
-    def pooled(limits_on: bool, key: str) -> list[float]:
-        return [s for run in runs[limits_on] for s in run.get(key, [])]
+    def pooled(label: str, key: str) -> list[float]:
+        return [s for run in runs[label] for s in run.get(key, [])]
 
-    timed = {k for r in runs[True] + runs[False] for k in r if k.startswith(("burst", "satur"))}
+    timed = {k for rs in runs.values() for r in rs for k in r if k.startswith(("burst", "satur"))}
     for key in sorted(timed):
-        on, off = pooled(True, key), pooled(False, key)
+        counts = " / ".join(str(len(pooled(n, key))) for n in names)
         for q in (0.5, 0.99):
-            a, b = pct(on, q), pct(off, q)
-            lines.append(
-                f"| {key} ({len(on)} / {len(off)} requests) p{int(q * 100)} | {a:.3f} | "
-                f"{b:.3f} | {b / a:.1f}x |"
-            )
+            values = [pct(pooled(n, key), q) for n in names]
+            cells = [f"{v:.3f}" for v in values] + [f"{v / values[0]:.1f}x" for v in values[1:]]
+            lines.append(f"| {key} ({counts}) p{int(q * 100)} | " + " | ".join(cells) + " |")
+    floor = [s for run in floors for s in run.get("burst 503 overloaded", [])]
+    for q in (0.5, 0.99):
+        lines.append(
+            f"| floor: the same burst against a bare ASGI app refusing all ({len(floor)}) "
+            f"p{int(q * 100)} | {pct(floor, q):.3f} |" + " |" * (2 * len(names) - 2)
+        )
     for key in ("20 MB body", "4 MB prompt"):
-        on = [r[key] for r in runs[True]]
-        off = [r[key] for r in runs[False]]
-        a = statistics.median(s for _, s in on)
-        b = statistics.median(s for _, s in off)
-        statuses = f"{on[0][0]} / {off[0][0]}"
-        lines.append(f"| {key} ({statuses}) median | {a:.3f} | {b:.3f} | {b / a:.1f}x |")
+        statuses = " / ".join(str(runs[n][0][key][0]) for n in names)
+        values = [statistics.median(r[key][1] for r in runs[n]) for n in names]
+        cells = [f"{v:.3f}" for v in values] + [f"{v / values[0]:.1f}x" for v in values[1:]]
+        lines.append(f"| {key} ({statuses}) median | " + " | ".join(cells) + " |")
     text = "\n".join(lines)
     write_report(args.out, "Overload and oversized requests", text + "\n")
 

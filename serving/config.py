@@ -105,6 +105,9 @@ class LimitSettings(_Strict):
     # None: what the LM replicas admit, replicas x the smaller of (max_ongoing + max_queued
     # requests) and the engine's (max_running + max_waiting); set it when autoscaling.
     max_inflight_completions: int | None = Field(None, ge=1)
+    # Also refuse completions past that bound in Ray Serve's HTTP proxy itself (each proxy
+    # counting its own traffic), so a burst's refusals skip the hop to the ingress replica.
+    refuse_at_proxy: bool = True
     # Past it: 504 (or an SSE error event once streaming).
     request_timeout_s: float = Field(300.0, gt=0)
 

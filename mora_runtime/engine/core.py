@@ -135,8 +135,16 @@ class Engine:
         request_id = request_id or f"req-{next(self._ids)}"
         seq = _Sequence(request_id, list(prompt), params, on_event)
         with self._wakeup:
-            if len(self._waiting) >= self.config.max_waiting:
-                raise EngineOverloaded(f"{len(self._waiting)} requests are already waiting")
+            # Running slots not yet taken count as waiting room: a burst that arrives
+            # within one step must not be refused while those slots are empty. (The engine
+            # thread changes `_running` outside this lock; a stale length moves the bound
+            # by the rows of one step at most.)
+            room = self.config.max_waiting + max(0, self.config.max_running - len(self._running))
+            if len(self._waiting) >= room:
+                raise EngineOverloaded(
+                    f"{len(self._waiting)} requests are already waiting "
+                    f"({len(self._running)} running)"
+                )
             self._waiting.append(seq)
             self._wakeup.notify()
         return request_id

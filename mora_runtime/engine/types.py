@@ -24,7 +24,8 @@ class EngineOverloaded(RuntimeError):
 @dataclass(frozen=True)
 class EngineConfig:
     max_running: int = 32  # sequences decoded together
-    max_waiting: int = 256  # queued requests before `submit` refuses
+    # Queued requests before `submit` refuses, beyond the running slots still free.
+    max_waiting: int = 256
     max_prefill_tokens: int = 4096  # prompt tokens prefilled in one step
     prefix_cache_blocks: int = 128  # prompt blocks of 16 tokens kept for reuse (0: off)
     # "auto": the compact forward (mora_runtime/models/llama) where the model is of the

@@ -21,7 +21,12 @@ def start(cfg: ServerConfig) -> None:
     import ray
     from ray import serve
 
+    from serving.cluster import proxy_gate
     from serving.cluster.deployments import build_app
+
+    # Ray's processes inherit this environment when ray.init starts them: every proxy then
+    # runs the gate (or, configured by an earlier start in this process, no longer does).
+    proxy_gate.configure(os.environ, cfg.limits.refuse_at_proxy, cfg.api_token)
 
     Path(cfg.expert_store).mkdir(parents=True, exist_ok=True)
     ray.init(

@@ -32,7 +32,7 @@ from serving.http.errors import (
     UnsupportedMedia,
     install_error_handlers,
 )
-from serving.http.middleware import BodyLimit, RequestMetrics
+from serving.http.middleware import AnnounceBound, BodyLimit, RequestMetrics
 from serving.http.openapi import errors, install_openapi
 from serving.http.protocol import (
     ClassifyRequest,
@@ -80,6 +80,8 @@ class ApiSettings:
     # with a 503 as it arrives, before its body is read: the model replicas' own queues
     # would refuse it too, but only after parsing, tokenising and a trip through Ray.
     max_inflight_completions: int | None = _LIMITS.max_inflight_completions
+    # Name that bound on completion responses, for a gate in the proxy in front.
+    refuse_at_proxy: bool = _LIMITS.refuse_at_proxy
     served_model_names: tuple[str, ...] = ()  # public LM names; default (lm.model_name,)
 
     @classmethod
@@ -101,6 +103,7 @@ class ApiSettings:
             max_prompt_chars_per_token=limits.max_prompt_chars_per_token,
             request_timeout_s=limits.request_timeout_s,
             max_inflight_completions=cfg.inflight_bound(),
+            refuse_at_proxy=limits.refuse_at_proxy,
             served_model_names=(cfg.lm.served_name,) if cfg.lm.enabled else (),
         )
 
@@ -194,7 +197,12 @@ class AppState:
 
 
 def _bearer_matches(request: Request, expected: str) -> bool:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return bearer_matches(request.headers.get("authorization", ""), expected)
+
+
+def bearer_matches(authorization: str, expected: str) -> bool:
+    """Whether an Authorization header's value is `Bearer <expected>` (constant time)."""
+    scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer":
         return False
     return hmac.compare_digest(token.strip().encode(), expected.encode())
@@ -230,6 +238,8 @@ def create_app(
         per_path={"/v1/completions": settings.max_completion_body_bytes},
     )
     app.add_middleware(RequestMetrics, metrics=state.metrics)
+    if settings.refuse_at_proxy and settings.max_inflight_completions is not None:
+        app.add_middleware(AnnounceBound, bound=settings.max_inflight_completions)
     routers = [
         _misc_router(state),
         routes_completions.router(state),

@@ -1,5 +1,6 @@
 """ASGI middlewares of the HTTP app: the body-size limit (413 before a body is read or
-parsed, chunked bodies counted as they stream in) and per-request metrics."""
+parsed, chunked bodies counted as they stream in), per-request metrics, and the bound on
+completions in flight announced to a gate in the proxy."""
 
 from __future__ import annotations
 
@@ -10,8 +11,41 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from serving.http.backend import MetricsHook
 from serving.http.errors import PayloadTooLarge
 
+COMPLETIONS = "/v1/completions"
+# The bound on completions in flight, for a gate in the proxy in front of the app
+# (serving/cluster/proxy_gate.py), which removes it: it never reaches a client.
+BOUND_HEADER = b"x-mora-inflight-bound"
+
+
+def is_completion(scope: Scope) -> bool:
+    return (
+        scope["type"] == "http"
+        and scope["method"] == "POST"
+        and (scope["path"].rstrip("/") or "/") == COMPLETIONS
+    )
+
+
+class AnnounceBound:
+    """Names the app's bound on every completion response, for the proxy's gate."""
+
+    def __init__(self, app: ASGIApp, bound: int) -> None:
+        self.app, self.header = app, (BOUND_HEADER, str(bound).encode())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not is_completion(scope):
+            await self.app(scope, receive, send)
+            return
+
+        async def announce(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, announce)
+
+
 # Endpoints named in request metrics (a bounded label set); any other path is "other".
-ENDPOINTS = ("/v1/completions", "/v1/models", "/classify", "/v1/experts", "/health")
+ENDPOINTS = (COMPLETIONS, "/v1/models", "/classify", "/v1/experts", "/health")
 
 
 class BodyLimit:

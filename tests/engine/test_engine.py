@@ -216,21 +216,51 @@ def test_stop_tokens_logprobs_and_penalties():
     assert len(set(penalised)) == 48  # ... and a large presence penalty forbids it
 
 
+def test_free_running_slots_count_as_waiting_room():
+    # A burst that arrives before the engine thread has admitted anything is held up to
+    # max_running + max_waiting, the bound the server's edge assumes; past it, refused.
+    engine = Engine(
+        tiny_llama(),
+        eos_token_ids=(),
+        max_context=256,
+        config=EngineConfig(max_running=3, max_waiting=2),
+    )
+    seen: list[TokenEvent] = []
+    params = SamplingParams(max_tokens=4, temperature=0.0)
+    for i in range(5):
+        engine.submit([1, 2, 3], params, seen.append, f"r{i}")
+    with pytest.raises(EngineOverloaded):
+        engine.submit([1, 2, 3], params, seen.append, "over")
+    engine.step()  # three admitted: the running slots are taken, two still wait
+    assert engine.num_running == 3
+    with pytest.raises(EngineOverloaded):
+        engine.submit([1, 2, 3], params, seen.append, "still over")
+    for _ in range(12):  # 4 tokens each, three then two at a time
+        engine.step()
+    assert sorted(e.request_id for e in seen if e.finish_reason) == [f"r{i}" for i in range(5)]
+
+
 def test_abort_frees_the_slot_and_overload_is_refused():
     model = tiny_llama()
     engine = Engine(
-        model, eos_token_ids=(), max_context=256, config=EngineConfig(max_running=2, max_waiting=1)
+        model, eos_token_ids=(), max_context=256, config=EngineConfig(max_running=1, max_waiting=1)
     )
     seen: list[TokenEvent] = []
     engine.submit(prompts(1)[0], SamplingParams(max_tokens=50, temperature=0.0), seen.append, "a")
-    with pytest.raises(EngineOverloaded):
-        engine.submit([1, 2], SamplingParams(), seen.append, "b")
-    engine.step()  # prefill "a"
+    engine.step()  # prefill "a": the one running slot is taken
+    engine.submit([1, 2], SamplingParams(), seen.append, "b")  # the one waiting place
+    with pytest.raises(EngineOverloaded, match="1 requests are already waiting"):
+        engine.submit([1, 2], SamplingParams(), seen.append, "c")
     engine.step()  # one decode
     assert engine.num_running == 1
     engine.abort("a")
+    engine.abort("b")
     engine.step()
-    assert engine.num_running == 0 and seen[-1].finish_reason == "abort"
+    assert engine.num_running == 0
+    assert sorted((e.request_id, e.finish_reason) for e in seen if e.finish_reason) == [
+        ("a", "abort"),
+        ("b", "abort"),
+    ]
     with pytest.raises(ValueError, match="context length"):
         engine.submit([1] * 250, SamplingParams(max_tokens=10), seen.append)
 

@@ -2,7 +2,8 @@
 
 Redeploys the app with that config (Ray keeps running); a stream that would run for minutes
 holds the only slot, so of the requests sent meanwhile one waits in the queue and the rest
-are refused at once with a 503, an OpenAI error body and Retry-After.
+are refused at once with a 503, an OpenAI error body and Retry-After, by the gate in Serve's
+HTTP proxy.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from serving.http.middleware import BOUND_HEADER
 from tests.integration.builders import LONG_CONTEXT
 from tests.integration.conftest import LM_NAME, wait_for
 
@@ -86,4 +88,9 @@ def test_overload_is_a_fast_503_with_a_json_body(tight) -> None:
         error = response.json()["error"]
         assert set(error) == {"message", "type", "param", "code"} and error["message"]
         assert response.headers.get("retry-after")
+    # Refused in Ray Serve's proxy, by the gate, before the hop to the ingress (the bound it
+    # learned from the holder's response, which it kept from the client).
+    messages = [response.json()["error"]["message"] for response, _ in refused]
+    assert any("at this proxy" in message for message in messages), messages
+    assert not any(BOUND_HEADER.decode() in response.headers for response, _ in results)
     assert tight.complete("hello world", 4)["usage"]["completion_tokens"] == 4

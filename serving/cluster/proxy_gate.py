@@ -1,0 +1,122 @@
+"""Overload refused in Ray Serve's HTTP proxy, before a refused request costs an actor call.
+
+The ingress counts the completions it has admitted and refuses past its bound
+(`AppState.admit_completion`), but a request it refuses has already crossed from the proxy
+to the ingress replica and back: under a burst of hundreds, that round trip, paid by every
+refused request on the cores the model decodes on, is most of the wait for a 503. The gate
+counts completions in flight through its own proxy and answers the same 503 there once
+they reach the same bound.
+
+Ray Serve builds each proxy's middlewares by calling the function named in
+`RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH` inside the proxy process, whose environment is
+fixed when Ray starts (`launcher.start` sets it, with the API token in `GATE_ENV` so that a
+request the ingress will refuse with 401 is neither counted nor refused here; on a cluster
+started otherwise, the token comes from `MORA_API_TOKEN` as the ingress's does). The bound is
+not: a redeploy or autoscaling changes it. So the ingress announces its bound on every
+completion response (`serving.http.middleware.AnnounceBound`, a header the gate reads and
+removes) and the gate
+refuses nothing until it has heard one. A proxy sees only its own traffic, so it refuses
+only when that alone fills the bound: the ingress stays the authority. A stale token at the
+gate only lets requests through to the ingress.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import MutableMapping
+
+from starlette.middleware import Middleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serving.config import API_TOKEN_ENV
+from serving.http.api import bearer_matches
+from serving.http.backend import MetricsHook
+from serving.http.errors import Overloaded
+from serving.http.middleware import BOUND_HEADER, COMPLETIONS, is_completion
+
+logger = logging.getLogger(__name__)
+
+CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+GATE_ENV = "MORA_PROXY_GATE"  # JSON: {"api_token": str | null}
+CALLBACK = f"{__name__}.middlewares"
+
+
+class CompletionGate:
+    """The proxy side: refuses POST /v1/completions with 503 while as many are in flight
+    here as the ingress last announced."""
+
+    def __init__(
+        self, app: ASGIApp, api_token: str | None = None, metrics: MetricsHook | None = None
+    ) -> None:
+        self.app, self.api_token, self.metrics = app, api_token, metrics
+        self.bound: int | None = None  # until the ingress announces one
+        self.inflight = 0
+
+    def gated(self, scope: Scope) -> bool:
+        if not is_completion(scope):
+            return False
+        if self.api_token is None:
+            return True
+        authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        return bearer_matches(authorization, self.api_token)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self.gated(scope):
+            await self.app(scope, receive, send)
+            return
+        if self.bound is not None and self.inflight >= self.bound:
+            started = time.perf_counter()
+            refusal = Overloaded(
+                f"The server is at capacity ({self.bound} completions in flight at this "
+                "proxy); retry shortly."
+            )
+            await refusal.response()(scope, receive, send)
+            if self.metrics is not None:
+                seconds = time.perf_counter() - started
+                self.metrics.request_finished(COMPLETIONS, refusal.status, seconds)
+            return
+
+        async def learn(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = []
+                for name, value in message.get("headers", ()):
+                    if name.lower() == BOUND_HEADER:
+                        self.bound = int(value)
+                    else:
+                        headers.append((name, value))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        self.inflight += 1
+        try:  # until the response has been sent in full, or the client went away
+            await self.app(scope, receive, learn)
+        finally:
+            self.inflight -= 1
+
+
+def configure(environ: MutableMapping[str, str], enabled: bool, api_token: str | None) -> None:
+    """Set (or, when not `enabled`, clear) what a Ray cluster's processes need in their
+    environment for every proxy to run the gate. A proxy callback of the user's own is kept
+    when the gate is off, and replaced (with a warning) when it is on."""
+    environ.pop(GATE_ENV, None)
+    if not enabled:
+        if environ.get(CALLBACK_ENV) == CALLBACK:
+            del environ[CALLBACK_ENV]
+        return
+    if environ.get(CALLBACK_ENV, CALLBACK) != CALLBACK:
+        logger.warning("%s=%s replaced by the proxy gate", CALLBACK_ENV, environ[CALLBACK_ENV])
+    environ[CALLBACK_ENV] = CALLBACK
+    environ[GATE_ENV] = json.dumps({"api_token": api_token})
+
+
+def middlewares() -> list[Middleware]:
+    """Ray Serve's proxy callback: the gate, with the API token of `GATE_ENV` (else of
+    `MORA_API_TOKEN`)."""
+    from serving.cluster.metrics import RayMetricsHook
+
+    raw = os.environ.get(GATE_ENV)
+    token = json.loads(raw)["api_token"] if raw else os.environ.get(API_TOKEN_ENV) or None
+    return [Middleware(CompletionGate, api_token=token, metrics=RayMetricsHook())]

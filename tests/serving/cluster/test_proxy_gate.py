@@ -1,0 +1,207 @@
+"""The proxy's gate in front of the real HTTP app: it learns the bound the app announces,
+refuses past it without the app seeing the request, and lets everything else through."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from serving.cluster import proxy_gate
+from serving.cluster.proxy_gate import CALLBACK, CALLBACK_ENV, GATE_ENV, CompletionGate
+from serving.http.middleware import BOUND_HEADER
+from tests.serving import fakes
+from tests.serving.conftest import assert_openai_error, make_app
+
+TOKEN = "secret"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def gated_app(lm: fakes.FakeLM, **settings: Any) -> tuple[CompletionGate, fakes.RecordingMetrics]:
+    metrics = fakes.RecordingMetrics()
+    app = make_app(lm, api_token=TOKEN, **settings)
+    return CompletionGate(app, api_token=TOKEN, metrics=metrics), metrics
+
+
+def client(gate: CompletionGate) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=gate), base_url="http://gate")
+
+
+def completion(lm: fakes.FakeLM, max_tokens: int = 4, **extra: Any) -> dict[str, Any]:
+    return {"model": lm.model_name, "prompt": "hello", "max_tokens": max_tokens, **extra}
+
+
+async def until(condition, what: str, seconds: float = 10.0) -> None:
+    for _ in range(int(seconds / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_the_gate_learns_the_bound_and_refuses_past_it_before_the_app() -> None:
+    lm = fakes.FakeLM(token_delay_s=0.05)
+    gate, metrics = gated_app(lm, max_inflight_completions=2)
+
+    async def scenario() -> None:
+        async with client(gate) as http:
+            first = await http.post("/v1/completions", json=completion(lm, 1), headers=AUTH)
+            assert first.status_code == 200, first.text
+            assert gate.bound == 2  # announced by the app ...
+            assert BOUND_HEADER.decode() not in first.headers  # ... and never passed on
+            assert first.headers["content-type"] == "application/json"  # the rest are
+            held = [
+                asyncio.ensure_future(
+                    http.post("/v1/completions", json=completion(lm, 16), headers=AUTH)
+                )
+                for _ in range(2)
+            ]
+            await until(lambda: len(lm.requests) == 3, "both held requests to reach the app")
+            assert gate.inflight == 2
+            refused = await http.post("/v1/completions", json=completion(lm), headers=AUTH)
+            error = assert_openai_error(refused, 503)
+            assert error["code"] == "overloaded" and "at this proxy" in error["message"]
+            assert refused.headers["retry-after"] == "1"
+            assert len(lm.requests) == 3  # the app never saw it
+            # The gate reports only its refusals (the app reports what reaches it).
+            calls = [(name, args[:2]) for name, args in metrics.calls]
+            assert calls == [("request_finished", ("/v1/completions", 503))]
+            assert [r.status_code for r in await asyncio.gather(*held)] == [200, 200]
+            assert gate.inflight == 0
+            again = await http.post("/v1/completions", json=completion(lm, 1), headers=AUTH)
+            assert again.status_code == 200
+
+    asyncio.run(scenario())
+
+
+def test_streams_hold_their_place_until_they_end() -> None:
+    lm = fakes.FakeLM(token_delay_s=0.05)
+    gate, _ = gated_app(lm, max_inflight_completions=1)
+
+    async def scenario() -> None:
+        async with client(gate) as http:
+            await http.post("/v1/completions", json=completion(lm, 1), headers=AUTH)
+            body = completion(lm, 12, stream=True)
+            stream = asyncio.ensure_future(http.post("/v1/completions", json=body, headers=AUTH))
+            await until(lambda: gate.inflight == 1, "the stream to start")
+            refused = await http.post("/v1/completions", json=completion(lm), headers=AUTH)
+            assert_openai_error(refused, 503)
+            streamed = await stream
+            assert streamed.status_code == 200 and streamed.text.endswith("data: [DONE]\n\n")
+            assert BOUND_HEADER.decode() not in streamed.headers
+            assert streamed.headers["content-type"].startswith("text/event-stream")
+            assert gate.inflight == 0
+
+    asyncio.run(scenario())
+
+
+def test_nothing_is_refused_until_a_bound_is_announced() -> None:
+    lm = fakes.FakeLM(token_delay_s=0.05)
+    # The app does not announce (refuse_at_proxy off): it refuses past its bound itself.
+    gate, _ = gated_app(lm, max_inflight_completions=1, refuse_at_proxy=False)
+
+    async def scenario() -> None:
+        async with client(gate) as http:
+            held = asyncio.ensure_future(
+                http.post("/v1/completions", json=completion(lm, 16), headers=AUTH)
+            )
+            await until(lambda: len(lm.requests) == 1, "the held request")
+            refused = await http.post("/v1/completions", json=completion(lm), headers=AUTH)
+            error = assert_openai_error(refused, 503)
+            assert "at this proxy" not in error["message"]  # the app's own refusal
+            assert (await held).status_code == 200
+            assert gate.bound is None
+
+    asyncio.run(scenario())
+
+
+def test_other_routes_and_unauthenticated_requests_pass_the_full_gate() -> None:
+    lm = fakes.FakeLM(token_delay_s=0.05)
+    gate, _ = gated_app(lm, max_inflight_completions=1)
+
+    async def scenario() -> None:
+        async with client(gate) as http:
+            await http.post("/v1/completions", json=completion(lm, 1), headers=AUTH)
+            held = asyncio.ensure_future(
+                http.post("/v1/completions", json=completion(lm, 16), headers=AUTH)
+            )
+            await until(lambda: gate.inflight == 1, "the held request")
+            assert (await http.get("/health")).status_code == 200
+            assert (await http.get("/v1/models", headers=AUTH)).status_code == 200
+            # The app answers 401 (not counted, not refused at the proxy).
+            anonymous = await http.post("/v1/completions", json=completion(lm))
+            assert_openai_error(anonymous, 401)
+            wrong = {"Authorization": "Bearer nope"}
+            assert_openai_error(
+                await http.post("/v1/completions", json=completion(lm), headers=wrong), 401
+            )
+            assert gate.inflight == 1
+            assert (await held).status_code == 200
+
+    asyncio.run(scenario())
+
+
+def test_a_request_cancelled_midway_releases_its_place() -> None:
+    lm = fakes.FakeLM(token_delay_s=0.05)
+    gate, _ = gated_app(lm, max_inflight_completions=1)
+
+    async def scenario() -> None:
+        async with client(gate) as http:
+            await http.post("/v1/completions", json=completion(lm, 1), headers=AUTH)
+            held = asyncio.ensure_future(
+                http.post("/v1/completions", json=completion(lm, 64), headers=AUTH)
+            )
+            await until(lambda: gate.inflight == 1, "the held request")
+            held.cancel()  # the client goes away
+            await until(lambda: gate.inflight == 0, "its place to be released")
+            ok = await http.post("/v1/completions", json=completion(lm, 1), headers=AUTH)
+            assert ok.status_code == 200
+
+    asyncio.run(scenario())
+
+
+def test_configure_sets_and_clears_the_cluster_environment() -> None:
+    env: dict[str, str] = {}
+    proxy_gate.configure(env, True, TOKEN)
+    assert env == {CALLBACK_ENV: CALLBACK, GATE_ENV: json.dumps({"api_token": TOKEN})}
+    proxy_gate.configure(env, False, None)
+    assert env == {}
+    own = {CALLBACK_ENV: "my.proxy.callback"}
+    proxy_gate.configure(own, False, None)  # the operator's callback is kept when off
+    assert own == {CALLBACK_ENV: "my.proxy.callback"}
+    proxy_gate.configure(own, True, None)
+    assert own[CALLBACK_ENV] == CALLBACK and json.loads(own[GATE_ENV]) == {"api_token": None}
+
+
+def test_the_proxy_callback_builds_the_gate_with_its_token(monkeypatch) -> None:
+    import serving.cluster.metrics as metrics_module
+
+    monkeypatch.setattr(metrics_module, "RayMetricsHook", fakes.RecordingMetrics)
+    monkeypatch.delenv(GATE_ENV, raising=False)
+    monkeypatch.setenv("MORA_API_TOKEN", "from-env")
+    (middleware,) = proxy_gate.middlewares()
+    assert middleware.cls is CompletionGate and middleware.kwargs["api_token"] == "from-env"
+    monkeypatch.setenv(GATE_ENV, json.dumps({"api_token": None}))
+    (middleware,) = proxy_gate.middlewares()
+    assert middleware.kwargs["api_token"] is None
+    assert isinstance(middleware.kwargs["metrics"], fakes.RecordingMetrics)
+
+
+@pytest.mark.parametrize("refuse_at_proxy", [True, False])
+def test_the_app_announces_its_bound_on_completions_only(refuse_at_proxy: bool) -> None:
+    from fastapi.testclient import TestClient
+
+    lm = fakes.FakeLM()
+    app = make_app(lm, max_inflight_completions=7, refuse_at_proxy=refuse_at_proxy)
+    header = BOUND_HEADER.decode()
+    with TestClient(app) as http:
+        done = http.post("/v1/completions", json=completion(lm, 1))
+        bad = http.post("/v1/completions", json={"model": lm.model_name})  # no prompt: 400
+        health = http.get("/health")
+    assert done.status_code == 200 and bad.status_code == 400 and health.status_code == 200
+    expected = "7" if refuse_at_proxy else None
+    assert done.headers.get(header) == expected and bad.headers.get(header) == expected
+    assert header not in health.headers
