@@ -184,9 +184,7 @@ def test_api_settings_default_to_the_server_config_and_are_built_from_it() -> No
     }
 
     # Every limit differs from its default here, so one that from_config drops shows.
-    changed = {
-        k: (not v) if isinstance(v, bool) else (v or 0) * 2 + 1 for k, v in defaults.items()
-    }
+    changed = {k: (not v) if isinstance(v, bool) else (v or 0) * 2 + 1 for k, v in defaults.items()}
     cfg = ServerConfig.model_validate(
         {"limits": changed, "lm": {"routing": {"max_top_k": 9}}, "admin_token": "a"}
     )
