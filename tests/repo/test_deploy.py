@@ -129,6 +129,20 @@ def test_deployment_overrides_name_real_deployments() -> None:
     )
 
 
+@pytest.mark.parametrize("path", [RAYSERVICE, RAYSERVICE_GPU])
+def test_rayservice_keeps_the_ingress_on_the_head(path: Path) -> None:
+    """With a proxy on every node, the one ingress must not ride on a worker that can be
+    lost: it is pinned to the head (which reserves no CPUs, so it asks for none)."""
+    service = rayservice(path)
+    assert yaml.safe_load(service["spec"]["serveConfigV2"])["proxy_location"] == "EveryNode"
+    head = service["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]
+    overrides = app_of(cluster_serve_config(path))["deployments"]
+    (ingress,) = [d for d in overrides if d["name"] == "MoraIngress"]
+    options = ingress["ray_actor_options"]
+    assert options["resources"] == {"node:__internal_head__": 0.001}
+    assert options["num_cpus"] <= float(head["num-cpus"])
+
+
 def test_rayservice_shares_the_expert_store() -> None:
     docs = rayservice_docs()
     (pvc,) = [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
@@ -150,6 +164,9 @@ def test_rayservice_shares_the_expert_store() -> None:
         env = {e["name"]: e for e in container["env"]}
         for var in ("MORA_ADMIN_TOKEN", "MORA_API_TOKEN"):
             assert "secretKeyRef" in env[var]["valueFrom"] and "value" not in env[var]
+        # Every proxy runs the overload gate (Ray reads this when it starts the proxy).
+        gate = env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"]["value"]
+        assert gate == "serving.cluster.proxy_gate.middlewares"
     groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
     assert all(g["rayStartParams"]["metrics-export-port"] == "8080" for g in groups)
 
