@@ -42,6 +42,18 @@ async def until(condition, what: str, seconds: float = 10.0) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+async def announce_then_hold(
+    http: httpx.AsyncClient, gate: CompletionGate, lm: fakes.FakeLM, tokens: int, **extra: Any
+) -> asyncio.Future:
+    """One completion answered (the app announces its bound to the gate), then one of
+    `tokens` held in flight."""
+    await http.post("/v1/completions", json=completion(lm, 1), headers=AUTH)
+    body = completion(lm, tokens, **extra)
+    held = asyncio.ensure_future(http.post("/v1/completions", json=body, headers=AUTH))
+    await until(lambda: gate.inflight == 1, "the held request")
+    return held
+
+
 def test_the_gate_learns_the_bound_and_refuses_past_it_before_the_app() -> None:
     lm = fakes.FakeLM(token_delay_s=0.05)
     gate, metrics = gated_app(lm, max_inflight_completions=2)
@@ -83,10 +95,7 @@ def test_streams_hold_their_place_until_they_end() -> None:
 
     async def scenario() -> None:
         async with client(gate) as http:
-            await http.post("/v1/completions", json=completion(lm, 1), headers=AUTH)
-            body = completion(lm, 12, stream=True)
-            stream = asyncio.ensure_future(http.post("/v1/completions", json=body, headers=AUTH))
-            await until(lambda: gate.inflight == 1, "the stream to start")
+            stream = await announce_then_hold(http, gate, lm, 12, stream=True)
             refused = await http.post("/v1/completions", json=completion(lm), headers=AUTH)
             assert_openai_error(refused, 503)
             streamed = await stream
@@ -124,11 +133,7 @@ def test_other_routes_and_unauthenticated_requests_pass_the_full_gate() -> None:
 
     async def scenario() -> None:
         async with client(gate) as http:
-            await http.post("/v1/completions", json=completion(lm, 1), headers=AUTH)
-            held = asyncio.ensure_future(
-                http.post("/v1/completions", json=completion(lm, 16), headers=AUTH)
-            )
-            await until(lambda: gate.inflight == 1, "the held request")
+            held = await announce_then_hold(http, gate, lm, 16)
             assert (await http.get("/health")).status_code == 200
             assert (await http.get("/v1/models", headers=AUTH)).status_code == 200
             # The app answers 401 (not counted, not refused at the proxy).
@@ -150,11 +155,7 @@ def test_a_request_cancelled_midway_releases_its_place() -> None:
 
     async def scenario() -> None:
         async with client(gate) as http:
-            await http.post("/v1/completions", json=completion(lm, 1), headers=AUTH)
-            held = asyncio.ensure_future(
-                http.post("/v1/completions", json=completion(lm, 64), headers=AUTH)
-            )
-            await until(lambda: gate.inflight == 1, "the held request")
+            held = await announce_then_hold(http, gate, lm, 64)
             held.cancel()  # the client goes away
             await until(lambda: gate.inflight == 0, "its place to be released")
             ok = await http.post("/v1/completions", json=completion(lm, 1), headers=AUTH)
