@@ -15,7 +15,7 @@ started otherwise, the token comes from `MORA_API_TOKEN` as the ingress's does).
 not: a redeploy or autoscaling changes it. So the ingress announces its bound on every
 completion response (`serving.http.middleware.AnnounceBound`, a header the gate reads and
 removes) and the gate
-refuses nothing until it has heard one. A proxy sees only its own traffic, so it refuses
+refuses nothing until it has heard one (nor after a completion response without one). A proxy sees only its own traffic, so it refuses
 only when that alone fills the bound: the ingress stays the authority. A stale token at the
 gate only lets requests through to the ingress.
 """
@@ -81,12 +81,16 @@ class CompletionGate:
 
         async def learn(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = []
+                # Each completion response names the bound, or its absence: an app redeployed
+                # without the announcement (or an answer that is not the app's) stops the
+                # refusals here instead of leaving a stale bound in force.
+                bound, headers = None, []
                 for name, value in message.get("headers", ()):
                     if name.lower() == BOUND_HEADER:
-                        self.bound = int(value)
+                        bound = int(value)
                     else:
                         headers.append((name, value))
+                self.bound = bound
                 message = {**message, "headers": headers}
             await send(message)
 

@@ -164,6 +164,32 @@ def test_a_request_cancelled_midway_releases_its_place() -> None:
     asyncio.run(scenario())
 
 
+def test_a_response_without_the_announcement_lifts_the_bound() -> None:
+    # An app redeployed without the announcement (or an answer from elsewhere, such as the
+    # proxy's own error when the app is away) must not leave a stale bound in force.
+    announcing = True
+
+    async def app(scope, receive, send) -> None:
+        headers = [(b"content-type", b"application/json")]
+        if announcing:
+            headers.append((BOUND_HEADER, b"1"))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    gate = CompletionGate(app)
+
+    async def scenario() -> None:
+        nonlocal announcing
+        async with client(gate) as http:
+            assert (await http.post("/v1/completions", json={})).status_code == 200
+            assert gate.bound == 1
+            announcing = False
+            assert (await http.post("/v1/completions", json={})).status_code == 200
+            assert gate.bound is None
+
+    asyncio.run(scenario())
+
+
 def test_configure_sets_and_clears_the_cluster_environment() -> None:
     env: dict[str, str] = {}
     proxy_gate.configure(env, True, TOKEN)
