@@ -43,6 +43,8 @@ def tight(cluster, tiny_lm_dir):
 
 
 def test_overload_is_a_fast_503_with_a_json_body(tight) -> None:
+    refusals = {"name": "ray_mora_requests_total", "endpoint": "/v1/completions", "code": "503"}
+    refused_before = tight.metric_sum(**refusals) or 0.0
     holder = tight.openai().completions.create(
         model=LM_NAME, prompt="hello world", max_tokens=LONG_CONTEXT - 64, stream=True
     )
@@ -93,4 +95,10 @@ def test_overload_is_a_fast_503_with_a_json_body(tight) -> None:
     messages = [response.json()["error"]["message"] for response, _ in refused]
     assert any("at this proxy" in message for message in messages), messages
     assert not any(BOUND_HEADER.decode() in response.headers for response, _ in results)
+    # ... and counted there: every refusal is in the request counter, wherever it happened.
+    wait_for(
+        lambda: (tight.metric_sum(**refusals) or 0.0) >= refused_before + len(refused),
+        "the refusals in the request counter",
+        60,
+    )
     assert tight.complete("hello world", 4)["usage"]["completion_tokens"] == 4
