@@ -13,7 +13,8 @@ from serving.http.errors import PayloadTooLarge
 
 COMPLETIONS = "/v1/completions"
 # The bound on completions in flight, for a gate in the proxy in front of the app
-# (serving/cluster/proxy_gate.py), which removes it: it never reaches a client.
+# (serving/cluster/proxy_gate.py), which removes it; on a cluster whose proxies do not run
+# the gate, clients see it (a number, nothing secret).
 BOUND_HEADER = b"x-mora-inflight-bound"
 
 
