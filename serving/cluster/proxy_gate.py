@@ -14,10 +14,10 @@ request the ingress will refuse with 401 is neither counted nor refused here; on
 started otherwise, the token comes from `MORA_API_TOKEN` as the ingress's does). The bound is
 not: a redeploy or autoscaling changes it. So the ingress announces its bound on every
 completion response (`serving.http.middleware.AnnounceBound`, a header the gate reads and
-removes) and the gate
-refuses nothing until it has heard one (nor after a completion response without one). A proxy sees only its own traffic, so it refuses
-only when that alone fills the bound: the ingress stays the authority. A stale token at the
-gate only lets requests through to the ingress.
+removes), and the gate refuses nothing until it has heard one (nor after a completion
+response without one). A proxy sees only its own traffic, so it refuses only when that alone
+fills the bound: the ingress stays the authority. A stale token at the gate only lets
+requests through to the ingress.
 """
 
 from __future__ import annotations
