@@ -250,6 +250,12 @@ class MoraIngress:
             cfg.expert_store, registry_actor(cfg.expert_store), handles, self.metrics
         )
 
+    def announced_bound(self) -> int | None:
+        """The bound on completions in flight the app announces to the proxies' gates
+        (serving/cluster/proxy_gate.py), which ask for it when theirs may be stale."""
+        settings = ApiSettings.from_config(self.cfg)
+        return settings.max_inflight_completions if settings.refuse_at_proxy else None
+
     def __serve_build_asgi_app__(self):
         return create_app(
             self.lm, self.clip, self.admin, ApiSettings.from_config(self.cfg), metrics=self.metrics

@@ -15,23 +15,27 @@ started otherwise, the token comes from `MORA_API_TOKEN` as the ingress's does).
 not: a redeploy or autoscaling changes it. So the ingress announces its bound on every
 completion response (`serving.http.middleware.AnnounceBound`, a header the gate reads and
 removes), and the gate refuses nothing until it has heard one (nor after a completion
-response without one). A proxy sees only its own traffic, so it refuses only when that alone
-fills the bound: the ingress stays the authority. A stale token at the gate only lets
-requests through to the ingress.
+response without one). Between responses a redeploy can change the bound unseen, so the gate
+refuses only by a bound confirmed within the last `FRESH_S`; an older one it first asks the
+ingress for (`MoraIngress.announced_bound`, one call shared by every request that waits on
+it). A proxy sees only its own traffic, so it refuses only when that alone fills the bound:
+the ingress stays the authority. A stale token at the gate only lets requests through to
+the ingress.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import time
-from collections.abc import MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serving.config import API_TOKEN_ENV
+from serving.config import API_TOKEN_ENV, APP_NAME
 from serving.http.api import bearer_matches
 from serving.http.backend import MetricsHook
 from serving.http.errors import Overloaded
@@ -42,6 +46,10 @@ logger = logging.getLogger(__name__)
 CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 GATE_ENV = "MORA_PROXY_GATE"  # JSON: {"api_token": str | null}
 CALLBACK = f"{__name__}.middlewares"
+INGRESS_DEPLOYMENT = "MoraIngress"  # serving/cluster/ingress.py
+FRESH_S = 1.0  # a bound older than this is asked again before anything is refused by it
+ASK_TIMEOUT_S = 2.0  # an ingress that does not answer by then: refuse nothing, ask again later
+AskBound = Callable[[], Awaitable[int | None]]
 
 
 class CompletionGate:
@@ -49,11 +57,42 @@ class CompletionGate:
     here as the ingress last announced."""
 
     def __init__(
-        self, app: ASGIApp, api_token: str | None = None, metrics: MetricsHook | None = None
+        self,
+        app: ASGIApp,
+        api_token: str | None = None,
+        metrics: MetricsHook | None = None,
+        ask_bound: AskBound | None = None,
     ) -> None:
         self.app, self.api_token, self.metrics = app, api_token, metrics
+        self.ask_bound = ask_bound  # None: trust the last announcement however old
         self.bound: int | None = None  # until the ingress announces one
+        self.confirmed_at = -float("inf")  # time.monotonic() of the last announcement
         self.inflight = 0
+        self._asking: asyncio.Future[int | None] | None = None
+
+    def announced(self, bound: int | None) -> None:
+        self.bound, self.confirmed_at = bound, time.monotonic()
+
+    async def current_bound(self) -> int | None:
+        """The bound to refuse by: the last one announced while fresh, else the ingress's."""
+        fresh = time.monotonic() - self.confirmed_at < FRESH_S
+        if self.bound is None or fresh or self.ask_bound is None:
+            return self.bound
+        if self._asking is None:
+            self._asking = asyncio.ensure_future(self._ask())
+        return await asyncio.shield(self._asking)
+
+    async def _ask(self) -> int | None:
+        assert self.ask_bound is not None
+        try:
+            bound = await asyncio.wait_for(self.ask_bound(), ASK_TIMEOUT_S)
+        except Exception as exc:  # the ingress away or busy: let requests through to it
+            logger.info("the ingress did not say its bound (%s): not refusing", exc)
+            bound = None
+        finally:
+            self._asking = None
+        self.announced(bound)
+        return bound
 
     def gated(self, scope: Scope) -> bool:
         if not is_completion(scope):
@@ -67,10 +106,13 @@ class CompletionGate:
         if not self.gated(scope):
             await self.app(scope, receive, send)
             return
-        if self.bound is not None and self.inflight >= self.bound:
-            started = time.perf_counter()
+        started = time.perf_counter()
+        bound = self.bound
+        if bound is not None and self.inflight >= bound:  # full by the last word: confirm it
+            bound = await self.current_bound()
+        if bound is not None and self.inflight >= bound:
             refusal = Overloaded(
-                f"The server is at capacity ({self.bound} completions in flight at this "
+                f"The server is at capacity ({bound} completions in flight at this "
                 "proxy); retry shortly."
             )
             await refusal.response()(scope, receive, send)
@@ -90,7 +132,7 @@ class CompletionGate:
                         bound = int(value)
                     else:
                         headers.append((name, value))
-                self.bound = bound
+                self.announced(bound)
                 message = {**message, "headers": headers}
             await send(message)
 
@@ -123,4 +165,14 @@ def middlewares() -> list[Middleware]:
 
     raw = os.environ.get(GATE_ENV)
     token = json.loads(raw)["api_token"] if raw else os.environ.get(API_TOKEN_ENV) or None
-    return [Middleware(CompletionGate, api_token=token, metrics=RayMetricsHook())]
+    return [
+        Middleware(CompletionGate, api_token=token, metrics=RayMetricsHook(), ask_bound=ask_ingress)
+    ]
+
+
+async def ask_ingress() -> int | None:
+    """The bound the app's ingress announces now (None: it announces none)."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle(INGRESS_DEPLOYMENT, app_name=APP_NAME)
+    return await handle.announced_bound.remote()

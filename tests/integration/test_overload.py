@@ -8,6 +8,7 @@ HTTP proxy.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from serving.cluster.proxy_gate import ask_ingress
 from serving.http.middleware import BOUND_HEADER
 from tests.integration.builders import LONG_CONTEXT
 from tests.integration.conftest import LM_NAME, wait_for
@@ -95,6 +97,9 @@ def test_overload_is_a_fast_503_with_a_json_body(tight) -> None:
     messages = [response.json()["error"]["message"] for response, _ in refused]
     assert any("at this proxy" in message for message in messages), messages
     assert not any(BOUND_HEADER.decode() in response.headers for response, _ in results)
+    # The gate's question when its bound may be stale (after a redeploy): the same handle
+    # call the proxies make, answered with the bound in force.
+    assert asyncio.run(ask_ingress()) == 2
     # ... and counted there: every refusal is in the request counter, wherever it happened.
     wait_for(
         lambda: (tight.metric_sum(**refusals) or 0.0) >= refused_before + len(refused),

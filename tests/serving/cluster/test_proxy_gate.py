@@ -20,10 +20,13 @@ TOKEN = "secret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-def gated_app(lm: fakes.FakeLM, **settings: Any) -> tuple[CompletionGate, fakes.RecordingMetrics]:
+def gated_app(
+    lm: fakes.FakeLM, ask_bound: Any = None, **settings: Any
+) -> tuple[CompletionGate, fakes.RecordingMetrics]:
     metrics = fakes.RecordingMetrics()
     app = make_app(lm, api_token=TOKEN, **settings)
-    return CompletionGate(app, api_token=TOKEN, metrics=metrics), metrics
+    gate = CompletionGate(app, api_token=TOKEN, metrics=metrics, ask_bound=ask_bound)
+    return gate, metrics
 
 
 def client(gate: CompletionGate) -> httpx.AsyncClient:
@@ -190,6 +193,72 @@ def test_a_response_without_the_announcement_lifts_the_bound() -> None:
     asyncio.run(scenario())
 
 
+class AskedIngress:
+    """The ingress as the gate asks it: answers `bound` (or raises `error`), counting."""
+
+    def __init__(self, bound: int | None, error: Exception | None = None) -> None:
+        self.bound, self.error, self.calls = bound, error, 0
+
+    async def __call__(self) -> int | None:
+        self.calls += 1
+        await asyncio.sleep(0.05)
+        if self.error is not None:
+            raise self.error
+        return self.bound
+
+
+@pytest.mark.parametrize(
+    ("ingress", "refused"),
+    [
+        (AskedIngress(1), True),  # still 1: the refusal stands, asked once for all
+        (AskedIngress(8), False),  # redeployed with room for more: let them in
+        (AskedIngress(None), False),  # no longer announcing
+        (AskedIngress(1, error=RuntimeError("replica gone")), False),
+    ],
+)
+def test_a_stale_bound_is_asked_again_before_it_refuses(
+    ingress: AskedIngress, refused: bool
+) -> None:
+    lm = fakes.FakeLM(token_delay_s=0.05)
+    gate, _ = gated_app(lm, ask_bound=ingress, max_inflight_completions=1)
+
+    async def scenario() -> None:
+        async with client(gate) as http:
+            held = await announce_then_hold(http, gate, lm, 16)
+            gate.confirmed_at -= 2 * proxy_gate.FRESH_S  # no response for a while
+            others = await asyncio.gather(
+                *(
+                    http.post("/v1/completions", json=completion(lm, 1), headers=AUTH)
+                    for _ in range(3)
+                )
+            )
+            await held
+        statuses = [r.status_code for r in others]
+        if refused:
+            assert statuses == [503, 503, 503]
+        else:  # through to the app, which refuses past its own bound of 1 or serves
+            assert all("at this proxy" not in r.text for r in others), statuses
+        assert ingress.calls == 1  # one question for the three that waited on it
+
+    asyncio.run(scenario())
+
+
+def test_a_fresh_bound_is_not_asked() -> None:
+    lm = fakes.FakeLM(token_delay_s=0.05)
+    ingress = AskedIngress(1)
+    gate, _ = gated_app(lm, ask_bound=ingress, max_inflight_completions=1)
+
+    async def scenario() -> None:
+        async with client(gate) as http:
+            held = await announce_then_hold(http, gate, lm, 16)
+            refused = await http.post("/v1/completions", json=completion(lm), headers=AUTH)
+            assert refused.status_code == 503 and "at this proxy" in refused.text
+            await held
+        assert ingress.calls == 0
+
+    asyncio.run(scenario())
+
+
 def test_configure_sets_and_clears_the_cluster_environment() -> None:
     env: dict[str, str] = {}
     proxy_gate.configure(env, True, TOKEN)
@@ -211,6 +280,7 @@ def test_the_proxy_callback_builds_the_gate_with_its_token(monkeypatch) -> None:
     monkeypatch.setenv("MORA_API_TOKEN", "from-env")
     (middleware,) = proxy_gate.middlewares()
     assert middleware.cls is CompletionGate and middleware.kwargs["api_token"] == "from-env"
+    assert middleware.kwargs["ask_bound"] is proxy_gate.ask_ingress
     monkeypatch.setenv(GATE_ENV, json.dumps({"api_token": None}))
     (middleware,) = proxy_gate.middlewares()
     assert middleware.kwargs["api_token"] is None
