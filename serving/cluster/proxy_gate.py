@@ -26,6 +26,7 @@ the ingress.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -172,7 +173,12 @@ def middlewares() -> list[Middleware]:
 
 async def ask_ingress() -> int | None:
     """The bound the app's ingress announces now (None: it announces none)."""
+    return await _ingress_handle().announced_bound.remote()
+
+
+@functools.cache
+def _ingress_handle():
+    # One handle per process: each new handle sets up its own router with Serve.
     from ray import serve
 
-    handle = serve.get_deployment_handle(INGRESS_DEPLOYMENT, app_name=APP_NAME)
-    return await handle.announced_bound.remote()
+    return serve.get_deployment_handle(INGRESS_DEPLOYMENT, app_name=APP_NAME)
