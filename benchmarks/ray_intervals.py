@@ -25,6 +25,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import httpx
 from bench_common import HERE, load_engine_benchmark, write_report
@@ -77,17 +78,8 @@ def run_variant(name: str, root: Path, texts: list[str]) -> dict[str, float]:
     (root / "store").mkdir(parents=True)
     config = mora_config(root, root / "store", secrets.token_hex(8), os.cpu_count() or 1)
     server = ServerProcess(find_mora(), config, read_addresses(config))
-    saved = {key: os.environ.get(key) for key in TUNED}
-    if name == "tuned":
-        os.environ.update(TUNED)  # the server's processes inherit it
-    try:
-        server.start()
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with mock.patch.dict(os.environ, TUNED if name == "tuned" else {}):
+        server.start()  # the server's processes inherit this environment
     try:
         server.wait_healthy(START_TIMEOUT_S)
         base_url = server.addresses.base_url

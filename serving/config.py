@@ -20,6 +20,7 @@ ADMIN_TOKEN_ENV = "MORA_ADMIN_TOKEN"
 API_TOKEN_ENV = "MORA_API_TOKEN"
 STORE_ENV = "MORA_EXPERT_STORE"
 APP_NAME = "mora"
+INGRESS_DEPLOYMENT = "MoraIngress"  # the app's HTTP ingress (serving/cluster/ingress.py)
 
 
 class _Strict(BaseModel):

@@ -219,12 +219,12 @@ class RayClipBackend:
         raise lost_error("CLIP")
 
 
-@serve.deployment(name="MoraIngress", max_ongoing_requests=2048)
+@serve.deployment(name="MoraIngress", max_ongoing_requests=2048)  # INGRESS_DEPLOYMENT
 @serve.ingress()
 class MoraIngress:
     async def __init__(self, config: dict[str, Any], lm_handle: Any, clip_handle: Any) -> None:
         cfg = ServerConfig.model_validate(config)
-        self.cfg = cfg
+        self.settings = ApiSettings.from_config(cfg)
         self.lm = self.clip = None
         handles: dict[str, Any] = {}
         if lm_handle is not None:
@@ -253,10 +253,7 @@ class MoraIngress:
     def announced_bound(self) -> int | None:
         """The bound on completions in flight the app announces to the proxies' gates
         (serving/cluster/proxy_gate.py), which ask for it when theirs may be stale."""
-        settings = ApiSettings.from_config(self.cfg)
-        return settings.max_inflight_completions if settings.refuse_at_proxy else None
+        return self.settings.announced_bound
 
     def __serve_build_asgi_app__(self):
-        return create_app(
-            self.lm, self.clip, self.admin, ApiSettings.from_config(self.cfg), metrics=self.metrics
-        )
+        return create_app(self.lm, self.clip, self.admin, self.settings, metrics=self.metrics)

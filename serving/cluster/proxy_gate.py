@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serving.config import API_TOKEN_ENV, APP_NAME
+from serving.config import API_TOKEN_ENV, APP_NAME, INGRESS_DEPLOYMENT
 from serving.http.api import bearer_matches
 from serving.http.backend import MetricsHook
 from serving.http.errors import Overloaded
@@ -47,7 +47,6 @@ logger = logging.getLogger(__name__)
 CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 GATE_ENV = "MORA_PROXY_GATE"  # JSON: {"api_token": str | null}
 CALLBACK = f"{__name__}.middlewares"
-INGRESS_DEPLOYMENT = "MoraIngress"  # serving/cluster/ingress.py
 FRESH_S = 1.0  # a bound older than this is asked again before anything is refused by it
 ASK_TIMEOUT_S = 2.0  # an ingress that does not answer by then: refuse nothing, ask again later
 AskBound = Callable[[], Awaitable[int | None]]

@@ -107,6 +107,11 @@ class ApiSettings:
             served_model_names=(cfg.lm.served_name,) if cfg.lm.enabled else (),
         )
 
+    @property
+    def announced_bound(self) -> int | None:
+        """The bound completion responses name for a gate in the proxy (None: no header)."""
+        return self.max_inflight_completions if self.refuse_at_proxy else None
+
     def limits(self) -> Limits:
         return Limits(max_n=self.max_n, max_top_k=self.max_top_k, max_prompts=self.max_prompts)
 
@@ -238,8 +243,8 @@ def create_app(
         per_path={"/v1/completions": settings.max_completion_body_bytes},
     )
     app.add_middleware(RequestMetrics, metrics=state.metrics)
-    if settings.refuse_at_proxy and settings.max_inflight_completions is not None:
-        app.add_middleware(AnnounceBound, bound=settings.max_inflight_completions)
+    if settings.announced_bound is not None:
+        app.add_middleware(AnnounceBound, bound=settings.announced_bound)
     routers = [
         _misc_router(state),
         routes_completions.router(state),

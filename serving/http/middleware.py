@@ -18,12 +18,13 @@ COMPLETIONS = "/v1/completions"
 BOUND_HEADER = b"x-mora-inflight-bound"
 
 
+def route(scope: Scope) -> str:
+    """The request's path without a trailing slash ("/" for the root)."""
+    return scope["path"].rstrip("/") or "/"
+
+
 def is_completion(scope: Scope) -> bool:
-    return (
-        scope["type"] == "http"
-        and scope["method"] == "POST"
-        and (scope["path"].rstrip("/") or "/") == COMPLETIONS
-    )
+    return scope["type"] == "http" and scope["method"] == "POST" and route(scope) == COMPLETIONS
 
 
 class AnnounceBound:
@@ -61,7 +62,7 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path = scope["path"].rstrip("/") or "/"
+        path = route(scope)
         limit = min(self.max_bytes, self.per_path.get(path, self.max_bytes))
         too_large = PayloadTooLarge(f"The request body exceeds {limit} bytes.")
         length = dict(scope["headers"]).get(b"content-length", b"").decode() or "0"
@@ -92,7 +93,7 @@ class RequestMetrics:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path = scope["path"].rstrip("/") or "/"
+        path = route(scope)
         endpoint = next((e for e in ENDPOINTS if path == e or path.startswith(e + "/")), "other")
         started = time.perf_counter()
         status = 500

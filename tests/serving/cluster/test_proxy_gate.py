@@ -259,6 +259,14 @@ def test_a_fresh_bound_is_not_asked() -> None:
     asyncio.run(scenario())
 
 
+def test_the_gate_asks_the_deployment_the_ingress_is() -> None:
+    from serving.cluster.ingress import MoraIngress
+    from serving.config import INGRESS_DEPLOYMENT
+
+    assert MoraIngress.name == INGRESS_DEPLOYMENT
+    assert callable(MoraIngress.func_or_class.announced_bound)
+
+
 def test_configure_sets_and_clears_the_cluster_environment() -> None:
     env: dict[str, str] = {}
     proxy_gate.configure(env, True, TOKEN)
