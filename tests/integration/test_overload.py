@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from serving.cluster.proxy_gate import ask_ingress
+from serving.cluster.proxy_gate import FRESH_S, ask_ingress
 from serving.http.middleware import BOUND_HEADER
 from tests.integration.builders import LONG_CONTEXT
 from tests.integration.conftest import LM_NAME, wait_for
@@ -107,3 +107,34 @@ def test_overload_is_a_fast_503_with_a_json_body(tight) -> None:
         60,
     )
     assert tight.complete("hello world", 4)["usage"]["completion_tokens"] == 4
+
+
+def test_the_proxy_asks_the_ingress_before_refusing_by_a_stale_bound(tight) -> None:
+    """A greedy stream (no end in sight) takes the model's one slot and a second request
+    waits in its queue: the bound of 2 is full. Once no response has started for longer
+    than FRESH_S, the gate asks the ingress for the bound from inside the proxy (a
+    deployment handle) before it refuses by it; had the question failed, the request
+    would have gone on to the ingress and been refused there, not "at this proxy"."""
+    holder = tight.openai().completions.create(
+        model=LM_NAME,
+        prompt="hello world",
+        max_tokens=LONG_CONTEXT - 64,
+        temperature=0,
+        stream=True,
+    )
+    pool = ThreadPoolExecutor(1)
+    try:
+        assert next(iter(holder)).choices
+        queued = pool.submit(tight.complete, "hello there", 4)
+        time.sleep(2 * FRESH_S)
+        late = httpx.post(
+            f"{tight.base_url}/v1/completions",
+            json={"model": LM_NAME, "prompt": "the quick brown fox", "max_tokens": 8},
+            timeout=300,
+        )
+    finally:
+        holder.close()
+    assert queued.result(timeout=300)["usage"]["completion_tokens"] == 4
+    pool.shutdown()
+    error = late.json()["error"]
+    assert late.status_code == 503 and "at this proxy" in error["message"], late.text
