@@ -90,10 +90,7 @@ async def burst(port: int, model: str, n: int) -> dict[str, list[float]]:
         *(request(port, "POST", "/v1/completions", body) for _ in range(n))
     )
     results += await floor
-    by_outcome: dict[str, list[float]] = {}
-    for key, seconds in results:
-        by_outcome.setdefault(key, []).append(seconds)
-    return by_outcome
+    return by_outcome(results)
 
 
 def refuse_all(port: int) -> None:
@@ -157,10 +154,15 @@ async def saturated(port: int, model: str, rate: float, seconds: float) -> dict[
         return await request(port, "POST", "/v1/completions", body)
 
     results = await asyncio.gather(*(one(i / rate) for i in range(int(rate * seconds))))
-    by_outcome: dict[str, list[float]] = {}
-    for key, elapsed in results:
-        by_outcome.setdefault(key, []).append(elapsed)
-    return by_outcome
+    return by_outcome(results)
+
+
+def by_outcome(results: list[tuple[str, float]]) -> dict[str, list[float]]:
+    """Seconds of each request, grouped by outcome ("200", "503 overloaded", ...)."""
+    grouped: dict[str, list[float]] = {}
+    for key, seconds in results:
+        grouped.setdefault(key, []).append(seconds)
+    return grouped
 
 
 def outcome(status: int, body: bytes) -> str:
