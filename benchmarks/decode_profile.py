@@ -1,4 +1,5 @@
-"""Where a decode step's time goes, HF's forward vs the compact forward, on SmolLM2 (int4).
+"""Where a decode step's time goes, HF's forward vs the compact forward (op by op, and with
+whole-layer C++ calls), on SmolLM2 (int4).
 
     .venv/bin/python benchmarks/decode_profile.py [--sets 10] [--rounds 3] [--threads 2]
 
@@ -6,7 +7,9 @@ Steps the engine by hand (`max_tokens` greedy tokens for 1 and for 16 sequences)
 timers around what a decode step is made of: the base products (every int4/int8 layer,
 fused or not, the output layer included), attention (the CPU decode kernel), MoRA's layers
 (the layer backend's `apply`), and the rest (norms, rotary, residuals, Python, the
-engine's own bookkeeping and sampling): the step's time minus the three. The two forwards
+engine's own bookkeeping and sampling): the step's time minus the others. A layer run in one
+C++ call (csrc/decoder_layer.cpp) counts whole under "whole layers": its products,
+attention, norms and rotary together. The forwards
 alternate round by round on one model (the compact forward shares its weights), with the
 empty pool and with `--sets` random sets x 16 ranks on q/k/v/o; each cell is the median
 over rounds of the mean per decode step. The timers add a little to every call, the same
@@ -35,7 +38,8 @@ from mora_runtime.models.lm import load_causal_lm
 from mora_runtime.models.quantize import QuantizedLinear
 
 RESULTS = HERE / "results" / "decode_profile.md"
-PARTS = ("base products", "attention", "MoRA layers")
+PARTS = ("base products", "attention", "MoRA layers", "whole layers")
+FORWARDS = {"hf": "hf", "ops": "compact, op by op", "auto": "compact, whole layers"}
 _spent: dict[str, float] = defaultdict(float)
 
 
@@ -55,6 +59,7 @@ def install_timers() -> None:
     QuantizedLinear.forward = _timed("base products", QuantizedLinear.forward)
     module = kernels()
     module.decode_attention = _timed("attention", module.decode_attention)
+    module.DecoderLayer.forward_ = _timed("whole layers", module.DecoderLayer.forward_)
     for backend in BACKENDS.values():
         backend.apply = _timed("MoRA layers", backend.apply)
 
@@ -108,7 +113,7 @@ def main() -> None:
             for batch in (1, 16):
                 prompts = [bench.prompt_ids(lm.tokenizer, i) for i in range(batch)]
                 for _ in range(args.rounds):
-                    for forward in ("hf", "auto"):
+                    for forward in FORWARDS:
                         cell = profile(lm, pool, forward, prompts, args.tokens)
                         results[(pool_label, batch, forward)].append(cell)
                         print(pool_label, batch, forward, f"{cell['total']:.2f} ms", flush=True)
@@ -116,7 +121,9 @@ def main() -> None:
     lines = [
         f"ms per decode step, SmolLM2-135M int4, {args.threads} torch threads, medians of "
         f"{args.rounds} alternating rounds of {args.tokens} tokens; hf = Hugging Face's "
-        "forward, compact = mora_runtime/models/llama.",
+        "forward, compact = mora_runtime/models/llama (op by op: every layer as its kernel "
+        "calls from Python; whole layers: a layer of a decode step without a MoRA delta in "
+        "one C++ call).",
         "",
         "| pool | sequences | forward | " + " | ".join(columns) + " | speed-up |",
         "|---|---:|---|" + "---:|" * (len(columns) + 1),
@@ -124,7 +131,7 @@ def main() -> None:
     for (pool_label, batch, forward), cells in results.items():
         row = {c: statistics.median(cell[c] for cell in cells) for c in columns}
         hf_total = statistics.median(c["total"] for c in results[(pool_label, batch, "hf")])
-        name = "compact" if forward == "auto" else "hf"
+        name = FORWARDS[forward]
         values = " | ".join(f"{row[c]:.2f}" for c in columns)
         lines.append(
             f"| {pool_label} | {batch} | {name} | {values} | {hf_total / row['total']:.2f}x |"

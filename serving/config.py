@@ -52,8 +52,9 @@ class LMSettings(_Strict):
     # prompt blocks of 16 tokens whose keys/values are kept for reuse (0: no prefix cache)
     prefix_cache_blocks: int = Field(128, ge=0)
     # "auto": the compact forward for Llama-family models (mora_runtime/models/llama), HF's
-    # forward for every other model; "hf": always HF's forward.
-    forward: Literal["auto", "hf"] = "auto"
+    # forward for every other model; "ops": the compact forward without its whole-layer C++
+    # calls; "hf": always HF's forward.
+    forward: Literal["auto", "ops", "hf"] = "auto"
     max_ongoing_requests: int = Field(96, ge=1)
     max_queued_requests: int = Field(64, ge=-1)
     num_cpus: float = Field(1.0, ge=0)

@@ -41,9 +41,10 @@ SOURCES = tuple(
         "expert_scores.cpp",
         "expert_layer.cpp",
         "llama_ops.cpp",
+        "decoder_layer.cpp",
     )
 )
-HEADERS = (_CSRC / "avx2.h", _CSRC / "mora_route.h")
+HEADERS = (_CSRC / "avx2.h", _CSRC / "mora_route.h", _CSRC / "kernels.h")
 PORTABLE_SOURCES = (_CSRC / "bindings.cpp", _CSRC / "expert_layer.cpp")
 PORTABLE_HEADERS = (_CSRC / "mora_route.h",)
 # -fopenmp: at::parallel_for is an inline template whose OpenMP pragma is compiled into this

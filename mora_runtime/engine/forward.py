@@ -41,11 +41,12 @@ Runner = Callable[..., Tensor]  # (ids, mask, positions, cache, logits_to_keep) 
 
 def select_runner(model: torch.nn.Module, choice: str = "auto") -> Runner:
     """What runs the engine's forwards of `model`: the compact forward where `choice` is
-    "auto" and the model is of the Llama family, else HF's own forward."""
-    if choice not in ("auto", "hf"):
-        raise ValueError(f"forward must be 'auto' or 'hf', got {choice!r}")
-    if choice == "auto":
-        compact = compact_forward(model)
+    "auto" (or "ops": without whole-layer calls) and the model is of the Llama family, else
+    HF's own forward."""
+    if choice not in ("auto", "ops", "hf"):
+        raise ValueError(f"forward must be 'auto', 'ops' or 'hf', got {choice!r}")
+    if choice != "hf":
+        compact = compact_forward(model, whole_layers=choice == "auto")
         if compact is not None:
             logger.info("engine forward: compact (%s)", type(model).__name__)
             return compact

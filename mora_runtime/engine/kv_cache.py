@@ -82,13 +82,18 @@ class BatchKVLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         new = key_states.shape[-2]
+        keys, values = self.extend(new)
+        keys[:, :, -new:] = key_states
+        values[:, :, -new:] = value_states
+        return keys, values
+
+    def extend(self, new: int) -> tuple[Tensor, Tensor]:
+        """Take `new` more columns into use; returns the keys and values [S, H, L, d] of
+        every column in use, the last `new` of them for the caller to write."""
         end = self.length + new
         rows, columns = self.capacity
         if self.start + end > columns:
             self._reallocate(rows, max(2 * (columns - self.start), end))
-        first = self.start + self.length
-        self._keys[: self.rows, :, first : first + new] = key_states
-        self._values[: self.rows, :, first : first + new] = value_states
         self.length = end
         return self.keys[:, :, :end], self.values[:, :, :end]
 

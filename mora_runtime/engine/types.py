@@ -29,7 +29,8 @@ class EngineConfig:
     max_prefill_tokens: int = 4096  # prompt tokens prefilled in one step
     prefix_cache_blocks: int = 128  # prompt blocks of 16 tokens kept for reuse (0: off)
     # "auto": the compact forward (mora_runtime/models/llama) where the model is of the
-    # Llama family, else HF's; "hf": always HF's forward (the reference path).
+    # Llama family, else HF's; "ops": the compact forward with every layer run op by op (no
+    # whole-layer C++ calls); "hf": always HF's forward (the reference path).
     forward: str = "auto"
 
 

@@ -3,18 +3,7 @@
 #include <torch/extension.h>
 
 #ifdef __AVX2__
-at::Tensor q4_1_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& d,
-                       const at::Tensor& m, int64_t out_features);
-at::Tensor q8_0_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& d,
-                       int64_t out_features);
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const at::Tensor& mask, double scale);
-at::Tensor expert_scores(const at::Tensor& x, const at::Tensor& A);
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
-at::Tensor add_rms_norm_(at::Tensor& x, const at::Tensor& delta, const at::Tensor& weight,
-                         double eps);
-void rope_(at::Tensor& q, at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin);
-at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up);
+#include "kernels.h"
 #endif
 void bind_expert_layer(pybind11::module& module);
 
@@ -29,6 +18,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("add_rms_norm_", &add_rms_norm_, "x += delta in place, then RMSNorm of x");
   module.def("rope_", &rope_, "rotary position embedding of q and k, in place");
   module.def("silu_mul", &silu_mul, "silu(gate) * up");
+  bind_decoder_layer(module);  // DecoderLayer: a whole decode step of one layer
 #endif
   bind_expert_layer(module);  // ExpertLayerPlan: scores + routing + update of a layer
 }

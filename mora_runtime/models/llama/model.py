@@ -3,10 +3,12 @@
 The same modules and weights as the HF model it is built from (shared, not copied), the
 same arithmetic, less Python between the products: q/k/v and gate/up run as fused products
 (projections.py), rotary and masks are built once per forward and applied to q and k
-together (attention.py), norms are torch's fused RMSNorm, and the per-layer path is a flat
-loop instead of HF's module tree and keyword plumbing. MoRA's adapted modules keep their
-wrappers: a wrapped o_proj/down_proj is called as it is, a wrapped fused member gets its
-delta from the same layer backend (projections.py).
+together (attention.py), norms are one kernel call (or torch's fused RMSNorm), and the
+per-layer path is a flat loop instead of HF's module tree and keyword plumbing. MoRA's
+adapted modules keep their wrappers: a wrapped o_proj/down_proj is called as it is, a
+wrapped fused member gets its delta from the same layer backend (projections.py). In a
+decode step on int4 weights, a layer to which no adapted product adds a delta runs in one
+C++ call (native.py), with the same result bit for bit.
 
 Only for inference through the engine's batched KV cache (`BatchKVCache`); training and
 `generate` keep using the HF model itself.
@@ -19,14 +21,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from mora_runtime.cpu.build import kernels
+from mora_runtime.experts.backends.select import forward_plan
+from mora_runtime.experts.patching import MoRALinear
 from mora_runtime.models.llama.attention import StepInputs, attend, rotate
 from mora_runtime.models.llama.config import LlamaShape, unsupported_reason
-from mora_runtime.models.llama.projections import FusedProjection
+from mora_runtime.models.llama.native import native_layer
+from mora_runtime.models.llama.projections import FusedProjection, products
 
 logger = logging.getLogger(__name__)
 
@@ -38,13 +44,14 @@ class _Block:
     layer: nn.Module
     qkv: FusedProjection
     gate_up: FusedProjection
+    native: Any | None  # the whole layer's decode step in one C++ call (`native_layer`)
 
 
 class CompactLlama:
     """`compact(ids, mask, positions, cache, logits_to_keep)` -> logits, as the HF model's
     forward with `cache=` and `logits_to_keep=` returns them."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, whole_layers: bool = True) -> None:
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"the compact forward cannot run this model: {reason}")
@@ -58,7 +65,10 @@ class CompactLlama:
             for fused in (qkv, gate_up):
                 if fused.reason is not None:
                     raise ValueError(f"the compact forward cannot fuse: {fused.reason}")
-            self.blocks.append(_Block(layer, qkv, gate_up))
+            native = None
+            if whole_layers:
+                native = native_layer(layer, qkv.module, gate_up.module, self.shape)
+            self.blocks.append(_Block(layer, qkv, gate_up, native))
 
     def __call__(
         self,
@@ -71,19 +81,44 @@ class CompactLlama:
         inner = self.model.model
         hidden = inner.embed_tokens(ids)  # [n, P, D], the residual stream
         step = StepInputs.build(inner.rotary_emb, hidden, positions, mask)
-        # Each residual add is done together with the norm after it (`_add_norm`).
-        x = _add_norm(hidden, None, self.blocks[0].layer.input_layernorm, step.native)
+        whole = self._whole_layers(hidden, step, cache)
+        # Each layer's output is added to the residual stream together with the norm after
+        # it (`_add_norm`): by the next layer, or by the final norm.
+        pending: Tensor | None = None
         for index, block in enumerate(self.blocks):
-            layer = block.layer
-            attention = self._attention(block, cache.layers[index], x, step)
-            x = _add_norm(hidden, attention, layer.post_attention_layernorm, step.native)
-            mlp = self._mlp(block, x, step)
-            if index + 1 < len(self.blocks):
-                norm = self.blocks[index + 1].layer.input_layernorm
-                x = _add_norm(hidden, mlp, norm, step.native)
+            kv = cache.layers[index]
+            if block.native is not None and whole is not None and (whole or not _adapted(block)):
+                keys, values = kv.extend(1)
+                pending = block.native.forward_(
+                    hidden, pending, keys, values, step.cos, step.sin, step.mask
+                )
+            else:
+                pending = self._layer(block, kv, hidden, pending, step)
         if logits_to_keep:
-            hidden, mlp = hidden[:, -logits_to_keep:].contiguous(), mlp[:, -logits_to_keep:]
-        return self.model.lm_head(_add_norm(hidden, mlp, inner.norm, step.native))
+            hidden = hidden[:, -logits_to_keep:].contiguous()
+            pending = pending[:, -logits_to_keep:]
+        return self.model.lm_head(_add_norm(hidden, pending, inner.norm, step.native))
+
+    def _whole_layers(self, hidden: Tensor, step: StepInputs, cache) -> bool | None:
+        """Which layers this forward may run in one C++ call each (`native_layer`): None
+        for none (a prefill, or not the CPU kernels' dtype), True for all of them (no
+        adapted product adds anything to this forward), False for the unadapted ones."""
+        decode = hidden.shape[1] == 1 and step.mask.dim() == 2
+        if not (step.native and decode and all(kv.is_initialized for kv in cache.layers)):
+            return None
+        pool = getattr(self.model, "mora_pool", None)
+        # One plan for every adapted product of a forward (forward_plan's own contract).
+        return pool is None or forward_plan(pool, hidden) is None
+
+    def _layer(
+        self, block: _Block, kv, hidden: Tensor, pending: Tensor | None, step: StepInputs
+    ) -> Tensor:
+        """One decoder layer op by op: adds `pending` to hidden, returns the layer's output."""
+        layer = block.layer
+        x = _add_norm(hidden, pending, layer.input_layernorm, step.native)
+        attention = self._attention(block, kv, x, step)
+        x = _add_norm(hidden, attention, layer.post_attention_layernorm, step.native)
+        return self._mlp(block, x, step)
 
     def _attention(self, block: _Block, kv, x: Tensor, step: StepInputs) -> Tensor:
         """The attention block's output [n, P, D] for its normed input x."""
@@ -110,6 +145,11 @@ class CompactLlama:
         return mlp.down_proj(nn.functional.silu(gate) * up)
 
 
+def _adapted(block: _Block) -> bool:
+    """Whether MoRA wraps any of the layer's products now (patching may come and go)."""
+    return any(isinstance(m, MoRALinear) for m in products(block.layer))
+
+
 def _add_norm(hidden: Tensor, delta: Tensor | None, norm: nn.Module, native: bool) -> Tensor:
     """hidden += delta in place (the residual add; none with delta None), then `norm` of it."""
     if native:
@@ -127,10 +167,10 @@ def _add_norm(hidden: Tensor, delta: Tensor | None, norm: nn.Module, native: boo
     return norm(hidden)  # HF's: in float32, rounded back before the weight
 
 
-def compact_forward(model: nn.Module) -> CompactLlama | None:
+def compact_forward(model: nn.Module, whole_layers: bool = True) -> CompactLlama | None:
     """The compact forward of `model`, or None where only HF's forward can run it."""
     try:
-        return CompactLlama(model)
+        return CompactLlama(model, whole_layers)
     except ValueError as reason:
         logger.info("%s", reason)
         return None

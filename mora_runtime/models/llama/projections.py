@@ -26,8 +26,23 @@ from mora_runtime.experts.patching import MoRALinear
 from mora_runtime.models.quantize import ROWS, Q4Linear, QuantizedLinear
 
 
-def _base(module: nn.Module) -> nn.Module:
+def base(module: nn.Module) -> nn.Module:
+    """The product a MoRA wrapper adds to, or the module itself."""
     return module.base_layer if isinstance(module, MoRALinear) else module
+
+
+def products(layer: nn.Module) -> tuple[nn.Module, ...]:
+    """A Llama-family decoder layer's seven products, wrapped by MoRA or not, as they are now."""
+    attention, mlp = layer.self_attn, layer.mlp
+    return (
+        attention.q_proj,
+        attention.k_proj,
+        attention.v_proj,
+        attention.o_proj,
+        mlp.gate_proj,
+        mlp.up_proj,
+        mlp.down_proj,
+    )
 
 
 def _fusable(bases: Sequence[nn.Module]) -> str | None:
@@ -104,7 +119,7 @@ class FusedProjection:
     """The members of one fused product; `__call__` gives each member's output."""
 
     def __init__(self, members: Sequence[nn.Module]) -> None:
-        bases = [_base(m) for m in members]
+        bases = [base(m) for m in members]
         self.reason = _fusable(bases)
         self.sizes = [b.out_features for b in bases]
         self.module = _fuse(bases) if self.reason is None else None

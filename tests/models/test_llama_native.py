@@ -1,0 +1,127 @@
+"""Whole-layer C++ calls of the compact forward (models/llama/native.py) change nothing: the
+same logits and cache, bit for bit, as the layers run op by op; used exactly where no MoRA
+delta is added (empty pool, no visible expert, unadapted layers); never for prefill or
+float weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mora_runtime.cpu.build import kernels
+from mora_runtime.engine.core import Engine
+from mora_runtime.engine.kv_cache import BatchKVCache
+from mora_runtime.engine.params import SamplingParams
+from mora_runtime.engine.types import EngineConfig
+from mora_runtime.experts.patching import patch_model
+from mora_runtime.experts.slots import RoutingConfig
+from mora_runtime.models.llama.model import CompactLlama
+from mora_runtime.models.quantize import int4_supported, quantize_model
+from tests.engine.test_engine import VOCAB, prompts, tokens
+from tests.models.test_llama_compact import FAMILIES, _expert_set
+
+pytestmark = pytest.mark.skipif(
+    not int4_supported(), reason="whole-layer calls need the AVX2 kernels (int4 weights)"
+)
+
+
+@pytest.fixture
+def layer_calls(monkeypatch) -> list[int]:
+    """Counts whole-layer calls (each call appends 1)."""
+    calls: list[int] = []
+    layer_type = kernels().DecoderLayer
+    original = layer_type.forward_
+
+    def counted(self, *args):
+        calls.append(1)
+        return original(self, *args)
+
+    monkeypatch.setattr(layer_type, "forward_", counted)
+    return calls
+
+
+def _int4(family: str):
+    model = FAMILIES[family]()
+    quantize_model(model)
+    return model
+
+
+def _run(runner: CompactLlama, model, ids, mask, split: int):
+    """Prefill `split` columns, decode the rest: (logits [n, columns, V], cache)."""
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = BatchKVCache(model.config.num_hidden_layers)
+    with torch.inference_mode():
+        out = [runner(ids[:, :split], mask[:, :split], positions[:, :split], cache, 0)]
+        for column in range(split, ids.shape[1]):
+            step = slice(column, column + 1)
+            out.append(runner(ids[:, step], mask[:, : column + 1], positions[:, step], cache, 1))
+    return torch.cat(out, dim=1), cache
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))  # qwen2: q/k/v with bias
+def test_whole_layers_equal_the_layers_op_by_op_bit_for_bit(family, layer_calls):
+    model = _int4(family)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, VOCAB, (3, 12), generator=g)
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[1, :4] = 0  # left padding, as the engine batches prompts
+    mask[2, :7] = 0
+    ops, ops_cache = _run(CompactLlama(model, whole_layers=False), model, ids, mask, split=9)
+    assert layer_calls == []
+    whole, whole_cache = _run(CompactLlama(model), model, ids, mask, split=9)
+    layers = model.config.num_hidden_layers
+    assert len(layer_calls) == 3 * layers  # every layer of the three decode steps, no prefill
+    assert torch.equal(whole, ops)
+    for got, want in zip(whole_cache.layers, ops_cache.layers, strict=True):
+        assert got.length == want.length == 12
+        assert torch.equal(got.keys[:, :, :12], want.keys[:, :, :12])
+        assert torch.equal(got.values[:, :, :12], want.values[:, :, :12])
+
+
+def test_float_weights_keep_the_layers_op_by_op(layer_calls):
+    model = FAMILIES["llama"]()  # not quantised: torch's products
+    runner = CompactLlama(model)
+    assert all(block.native is None for block in runner.blocks)
+    ids = torch.randint(1, VOCAB, (1, 6), generator=torch.Generator().manual_seed(2))
+    _run(runner, model, ids, torch.ones_like(ids), split=4)
+    assert layer_calls == []
+
+
+def _engine_run(forward: str, targets: tuple[str, ...] | None, add_sets: bool):
+    """Four greedy requests on an int4 Llama with a patched model: their events."""
+    model = _int4("llama")
+    pool = patch_model(model, targets, routing=RoutingConfig(top_k=4, tau=0.1, threshold=0.05))
+    if add_sets:
+        pool.add_set("a", _expert_set(pool, 0))
+    engine = Engine(
+        model, eos_token_ids=(), max_context=256, pool=pool, config=EngineConfig(forward=forward)
+    )
+    params = SamplingParams(max_tokens=6, temperature=0.0)
+    events: dict[int, list] = {i: [] for i in range(4)}
+    for i, prompt in enumerate(prompts(4, seed=5)):
+        engine.submit(prompt, params, events[i].append)
+    while engine.num_running or engine.num_waiting:
+        engine.step()
+    return [events[i] for i in range(4)]
+
+
+@pytest.mark.parametrize(
+    ("targets", "add_sets", "whole_per_step"),
+    [
+        (None, False, 2),  # patched, empty pool: nothing added anywhere
+        (None, True, 0),  # q/k/v/o of both layers add deltas
+        (("layers.1.self_attn.q_proj", "layers.1.mlp.down_proj"), True, 1),  # layer 0 not adapted
+    ],
+    ids=["empty-pool", "every-layer-adapted", "one-layer-adapted"],
+)
+def test_the_engine_runs_whole_layers_exactly_where_no_delta_is_added(
+    targets, add_sets, whole_per_step, layer_calls
+):
+    want = _engine_run("ops", targets, add_sets)
+    assert layer_calls == []
+    got = _engine_run("auto", targets, add_sets)
+    decode_steps = 5  # six tokens each: the first comes from the prefill
+    assert len(layer_calls) == whole_per_step * decode_steps
+    assert [tokens(e) for e in got] == [tokens(e) for e in want]
+    for g, w in zip(got, want, strict=True):
+        assert g[-1].routing == w[-1].routing
