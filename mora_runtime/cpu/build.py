@@ -44,9 +44,9 @@ SOURCES = tuple(
         "decoder_layer.cpp",
     )
 )
-HEADERS = (_CSRC / "avx2.h", _CSRC / "mora_route.h", _CSRC / "kernels.h")
+HEADERS = tuple(_CSRC / name for name in ("avx2.h", "mora_route.h", "kernels.h", "expert_layer.h"))
 PORTABLE_SOURCES = (_CSRC / "bindings.cpp", _CSRC / "expert_layer.cpp")
-PORTABLE_HEADERS = (_CSRC / "mora_route.h",)
+PORTABLE_HEADERS = (_CSRC / "mora_route.h", _CSRC / "expert_layer.h")
 # -fopenmp: at::parallel_for is an inline template whose OpenMP pragma is compiled into this
 # extension; without the flag it silently runs on one thread. The extension then needs
 # libgomp.so.1, which the loader resolves to the copy torch has already loaded (same soname),

@@ -1,7 +1,7 @@
 """Whole-layer C++ calls of the compact forward (models/llama/native.py) change nothing: the
-same logits and cache, bit for bit, as the layers run op by op; used exactly where no MoRA
-delta is added (empty pool, no visible expert, unadapted layers); never for prefill or
-float weights."""
+same logits, cache, tokens and routing statistics, bit for bit, as the layers run op by op,
+with and without MoRA deltas; adapted layers run whole only through the cpu_fused backend;
+never for prefill or float weights."""
 
 from __future__ import annotations
 
@@ -105,18 +105,27 @@ def _engine_run(forward: str, targets: tuple[str, ...] | None, add_sets: bool):
     return [events[i] for i in range(4)]
 
 
+EVERY_PRODUCT = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ONE_LAYER = ("layers.1.self_attn.q_proj", "layers.1.mlp.down_proj")  # layer 0 not adapted
+
+
 @pytest.mark.parametrize(
-    ("targets", "add_sets", "whole_per_step"),
+    ("targets", "add_sets", "backend", "whole_per_step"),
     [
-        (None, False, 2),  # patched, empty pool: nothing added anywhere
-        (None, True, 0),  # q/k/v/o of both layers add deltas
-        (("layers.1.self_attn.q_proj", "layers.1.mlp.down_proj"), True, 1),  # layer 0 not adapted
+        (None, False, "auto", 2),  # patched, empty pool: nothing added anywhere
+        (None, True, "auto", 2),  # q/k/v/o of both layers add deltas, from C++
+        (EVERY_PRODUCT, True, "auto", 2),  # every product, the MLP's included
+        (ONE_LAYER, True, "auto", 2),
+        # Another backend's deltas are added op by op: only the unadapted layer runs whole.
+        (ONE_LAYER, True, "torch", 1),
+        (None, True, "torch", 0),
     ],
-    ids=["empty-pool", "every-layer-adapted", "one-layer-adapted"],
+    ids=["empty-pool", "qkvo", "every-product", "one-layer", "torch-one-layer", "torch-qkvo"],
 )
-def test_the_engine_runs_whole_layers_exactly_where_no_delta_is_added(
-    targets, add_sets, whole_per_step, layer_calls
+def test_whole_layers_give_the_engine_the_same_tokens_and_routing(
+    targets, add_sets, backend, whole_per_step, layer_calls, monkeypatch
 ):
+    monkeypatch.setenv("MORA_BACKEND", backend)
     want = _engine_run("ops", targets, add_sets)
     assert layer_calls == []
     got = _engine_run("auto", targets, add_sets)

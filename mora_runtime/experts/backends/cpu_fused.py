@@ -74,6 +74,20 @@ class CpuFusedBackend(LayerBackend):
             if self._fallback is None:
                 self._fallback = TorchBackend(self.spec)
             return self._fallback.apply(x, y, layer)
+        A, B, present, active, row, hits = self.layer_arguments(layer)
+        if not self._plan.apply(x, A, B, y, present, active, row, hits):
+            raise RuntimeError("ExpertLayerPlan refused a layer it had accepted")
+        return y
+
+    @property
+    def plan(self) -> Any:
+        """The extension's ExpertLayerPlan of this forward (a whole-layer call takes it)."""
+        return self._plan
+
+    def layer_arguments(self, layer: AdaptedLayer) -> tuple:
+        """What `ExpertLayerPlan.apply` takes of `layer` besides x and y: A, B, present,
+        active, active_row, hits. Each call takes the layer's row of the recorder, once per
+        layer and forward."""
         A, B, present = layer.weights(self.spec.num_slots)
         spec = self.spec
         active, row, hits = (
@@ -81,6 +95,4 @@ class CpuFusedBackend(LayerBackend):
             if spec.records
             else (None, 0, None)
         )
-        if not self._plan.apply(x, A, B, y, present, active, row, hits):
-            raise RuntimeError("ExpertLayerPlan refused a layer it had accepted")
-        return y
+        return A, B, present, active, row, hits

@@ -27,6 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from mora_runtime.cpu.build import kernels
+from mora_runtime.experts.backends.base import LayerBackend
+from mora_runtime.experts.backends.cpu_fused import CpuFusedBackend
 from mora_runtime.experts.backends.select import forward_plan
 from mora_runtime.experts.patching import MoRALinear
 from mora_runtime.models.llama.attention import StepInputs, attend, rotate
@@ -81,34 +83,37 @@ class CompactLlama:
         inner = self.model.model
         hidden = inner.embed_tokens(ids)  # [n, P, D], the residual stream
         step = StepInputs.build(inner.rotary_emb, hidden, positions, mask)
-        whole = self._whole_layers(hidden, step, cache)
+        whole, backend = self._whole_layers(hidden, step, cache)
         # Each layer's output is added to the residual stream together with the norm after
         # it (`_add_norm`): by the next layer, or by the final norm.
         pending: Tensor | None = None
         for index, block in enumerate(self.blocks):
             kv = cache.layers[index]
-            if block.native is not None and whole is not None and (whole or not _adapted(block)):
-                keys, values = kv.extend(1)
-                pending = block.native.forward_(
-                    hidden, pending, keys, values, step.cos, step.sin, step.mask
-                )
-            else:
+            call = _native_arguments(block, backend) if whole and block.native is not None else None
+            if call is None:
                 pending = self._layer(block, kv, hidden, pending, step)
+                continue
+            keys, values = kv.extend(1)
+            pending = block.native.forward_(
+                hidden, pending, keys, values, step.cos, step.sin, step.mask, *call
+            )
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:].contiguous()
             pending = pending[:, -logits_to_keep:]
         return self.model.lm_head(_add_norm(hidden, pending, inner.norm, step.native))
 
-    def _whole_layers(self, hidden: Tensor, step: StepInputs, cache) -> bool | None:
-        """Which layers this forward may run in one C++ call each (`native_layer`): None
-        for none (a prefill, or not the CPU kernels' dtype), True for all of them (no
-        adapted product adds anything to this forward), False for the unadapted ones."""
+    def _whole_layers(
+        self, hidden: Tensor, step: StepInputs, cache
+    ) -> tuple[bool, LayerBackend | None]:
+        """Whether this forward may run layers in one C++ call each (`native_layer`: a
+        decode step on the CPU kernels' dtype), and the layer backend its adapted products
+        call (None where none adds anything: no pool, an empty one, no visible expert)."""
         decode = hidden.shape[1] == 1 and step.mask.dim() == 2
         if not (step.native and decode and all(kv.is_initialized for kv in cache.layers)):
-            return None
+            return False, None
         pool = getattr(self.model, "mora_pool", None)
-        # One plan for every adapted product of a forward (forward_plan's own contract).
-        return pool is None or forward_plan(pool, hidden) is None
+        # One backend for every adapted product of a forward (forward_plan's own contract).
+        return True, None if pool is None else forward_plan(pool, hidden)
 
     def _layer(
         self, block: _Block, kv, hidden: Tensor, pending: Tensor | None, step: StepInputs
@@ -145,9 +150,21 @@ class CompactLlama:
         return mlp.down_proj(nn.functional.silu(gate) * up)
 
 
-def _adapted(block: _Block) -> bool:
-    """Whether MoRA wraps any of the layer's products now (patching may come and go)."""
-    return any(isinstance(m, MoRALinear) for m in products(block.layer))
+def _native_arguments(block: _Block, backend: LayerBackend | None) -> tuple[Any, list] | None:
+    """The (plan, adapters) a whole-layer call of `block` takes in this forward, or None
+    where the layer runs op by op: adapted products add their deltas from C++ only through
+    the cpu_fused backend's plan. Read from the modules as they are now (patching may come
+    and go after the compact forward is built)."""
+    members = products(block.layer)
+    adapted = [isinstance(m, MoRALinear) for m in members]
+    if backend is None or not any(adapted):
+        return None, []
+    if not isinstance(backend, CpuFusedBackend):
+        return None
+    return backend.plan, [
+        backend.layer_arguments(m._layer) if wrapped else None
+        for m, wrapped in zip(members, adapted, strict=True)
+    ]
 
 
 def _add_norm(hidden: Tensor, delta: Tensor | None, norm: nn.Module, native: bool) -> Tensor:
