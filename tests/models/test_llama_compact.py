@@ -39,7 +39,11 @@ def hf_logits(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def compact_logits(model, ids: torch.Tensor, mask: torch.Tensor, split: int) -> torch.Tensor:
     """Prefill the first `split` columns, then decode the rest one column at a time."""
-    runner = CompactLlama(model)
+    return compact_run(CompactLlama(model), model, ids, mask, split)[0]
+
+
+def compact_run(runner, model, ids: torch.Tensor, mask: torch.Tensor, split: int):
+    """`compact_logits` with a given runner: (logits [n, columns, V], the cache)."""
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = BatchKVCache(model.config.num_hidden_layers)
     with torch.inference_mode():
@@ -47,7 +51,7 @@ def compact_logits(model, ids: torch.Tensor, mask: torch.Tensor, split: int) -> 
         for column in range(split, ids.shape[1]):
             step = slice(column, column + 1)
             out.append(runner(ids[:, step], mask[:, : column + 1], positions[:, step], cache, 1))
-    return torch.cat(out, dim=1)
+    return torch.cat(out, dim=1), cache
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["cpu-kernels", "torch-ops"])

@@ -10,7 +10,7 @@ import torch
 
 from mora_runtime.cpu.build import kernels
 from mora_runtime.engine.core import Engine
-from mora_runtime.engine.kv_cache import BatchKVCache
+from mora_runtime.engine.forward import select_runner
 from mora_runtime.engine.params import SamplingParams
 from mora_runtime.engine.types import EngineConfig
 from mora_runtime.experts.patching import patch_model
@@ -18,7 +18,7 @@ from mora_runtime.experts.slots import RoutingConfig
 from mora_runtime.models.llama.model import CompactLlama
 from mora_runtime.models.quantize import int4_supported, quantize_model
 from tests.engine.test_engine import VOCAB, prompts, tokens
-from tests.models.test_llama_compact import FAMILIES, _expert_set
+from tests.models.test_llama_compact import FAMILIES, _expert_set, compact_run
 
 pytestmark = pytest.mark.skipif(
     not int4_supported(), reason="whole-layer calls need the AVX2 kernels (int4 weights)"
@@ -46,18 +46,6 @@ def _int4(family: str):
     return model
 
 
-def _run(runner: CompactLlama, model, ids, mask, split: int):
-    """Prefill `split` columns, decode the rest: (logits [n, columns, V], cache)."""
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = BatchKVCache(model.config.num_hidden_layers)
-    with torch.inference_mode():
-        out = [runner(ids[:, :split], mask[:, :split], positions[:, :split], cache, 0)]
-        for column in range(split, ids.shape[1]):
-            step = slice(column, column + 1)
-            out.append(runner(ids[:, step], mask[:, : column + 1], positions[:, step], cache, 1))
-    return torch.cat(out, dim=1), cache
-
-
 @pytest.mark.parametrize("family", list(FAMILIES))  # qwen2: q/k/v with bias
 def test_whole_layers_equal_the_layers_op_by_op_bit_for_bit(family, layer_calls):
     model = _int4(family)
@@ -66,9 +54,9 @@ def test_whole_layers_equal_the_layers_op_by_op_bit_for_bit(family, layer_calls)
     mask = torch.ones(3, 12, dtype=torch.long)
     mask[1, :4] = 0  # left padding, as the engine batches prompts
     mask[2, :7] = 0
-    ops, ops_cache = _run(CompactLlama(model, whole_layers=False), model, ids, mask, split=9)
+    ops, ops_cache = compact_run(CompactLlama(model, whole_layers=False), model, ids, mask, split=9)
     assert layer_calls == []
-    whole, whole_cache = _run(CompactLlama(model), model, ids, mask, split=9)
+    whole, whole_cache = compact_run(CompactLlama(model), model, ids, mask, split=9)
     layers = model.config.num_hidden_layers
     assert len(layer_calls) == 3 * layers  # every layer of the three decode steps, no prefill
     assert torch.equal(whole, ops)
@@ -83,7 +71,7 @@ def test_float_weights_keep_the_layers_op_by_op(layer_calls):
     runner = CompactLlama(model)
     assert all(block.native is None for block in runner.blocks)
     ids = torch.randint(1, VOCAB, (1, 6), generator=torch.Generator().manual_seed(2))
-    _run(runner, model, ids, torch.ones_like(ids), split=4)
+    compact_run(runner, model, ids, torch.ones_like(ids), split=4)
     assert layer_calls == []
 
 
@@ -134,3 +122,9 @@ def test_whole_layers_give_the_engine_the_same_tokens_and_routing(
     assert [tokens(e) for e in got] == [tokens(e) for e in want]
     for g, w in zip(got, want, strict=True):
         assert g[-1].routing == w[-1].routing
+
+
+def test_the_forward_setting_chooses_whole_layers_or_ops():
+    model = _int4("llama")
+    assert all(block.native is not None for block in select_runner(model, "auto").blocks)
+    assert all(block.native is None for block in select_runner(model, "ops").blocks)
