@@ -6,7 +6,8 @@ a scale d and a minimum m, w = d * n + m with n in 0..15; the output layer Q8_0)
 float32 copy set-up writes is that grid at 8x the size. `Q4Linear` stores it back on the
 GGUF's grid and `Q8Linear` does the same for the output layer; re-quantising the float32
 copy finds the very same grid (each block's minimum maps to 0 and its maximum to 15, resp.
-+-127), with float32 scales, so the weights are exactly the GGUF's. Both keep them
++-127), with the GGUF's float16 scales, so the weights are exactly the GGUF's (a float
+checkpoint quantised to int4 gets its scales rounded to float16 the same way). Both keep them
 interleaved by groups of 8 output rows (`_to_groups`), the layout that lets the kernel
 compute 8 outputs per vector without horizontal sums, faster than row-major GGUF blocks
 at decode sizes (docs/performance.md).
@@ -54,13 +55,22 @@ def int4_supported(device: torch.device | str = "cpu") -> bool:
 # --- packing -------------------------------------------------------------------------------------
 
 
+def _float16_grid(scales: Tensor) -> Tensor:
+    """`scales` rounded to float16 (GGUF stores them so), kept as float32 values."""
+    rounded = scales.half()
+    if not torch.isfinite(rounded).all():
+        raise ValueError("a block's scale or minimum is beyond float16's range")
+    return rounded.float()
+
+
 def pack_q4_1(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """[O, K] float -> (nibbles [O, K/2] uint8, d [O, G], m [O, G]) in GGUF's Q4_1 layout:
-    byte j of a block holds input j (low nibble) and input j + 16 (high nibble)."""
+    byte j of a block holds input j (low nibble) and input j + 16 (high nibble). d and m are
+    float16 values (as float32), as in a GGUF: weights from a Q4_1 GGUF come back exactly."""
     out_features, in_features = weight.shape
     blocks = weight.detach().float().reshape(out_features, in_features // BLOCK, BLOCK)
-    minimum = blocks.amin(dim=-1)  # [O, G]
-    d = (blocks.amax(dim=-1) - minimum) / 15
+    minimum = _float16_grid(blocks.amin(dim=-1))  # [O, G]
+    d = _float16_grid((blocks.amax(dim=-1) - minimum) / 15)
     safe = torch.where(d > 0, d, torch.ones_like(d))  # a constant block: every n is 0
     n = torch.round((blocks - minimum[..., None]) / safe[..., None]).clamp(0, 15).to(torch.uint8)
     nibbles = n[..., :16] | (n[..., 16:] << 4)  # [O, G, 16]
@@ -75,10 +85,11 @@ def unpack_q4_1(nibbles: Tensor, d: Tensor, m: Tensor) -> Tensor:
 
 
 def pack_q8_0(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """[O, K] float -> (w8 [O, K] int8, d [O, G]) in GGUF's Q8_0 form: w = d * w8."""
+    """[O, K] float -> (w8 [O, K] int8, d [O, G]) in GGUF's Q8_0 form: w = d * w8, d a
+    float16 value (as float32)."""
     out_features, in_features = weight.shape
     blocks = weight.detach().float().reshape(out_features, in_features // BLOCK, BLOCK)
-    d = blocks.abs().amax(dim=-1) / 127  # [O, G]
+    d = _float16_grid(blocks.abs().amax(dim=-1) / 127)  # [O, G]
     safe = torch.where(d > 0, d, torch.ones_like(d))
     w8 = torch.round(blocks / safe[..., None]).clamp(-127, 127).to(torch.int8)
     return w8.reshape(out_features, in_features).contiguous(), d
@@ -173,15 +184,16 @@ class Q4Linear(QuantizedLinear):
         super().__init__(linear)
         nibbles, d, m = pack_q4_1(linear.weight)
         self.register_buffer("packed", _to_groups(nibbles, pieces=4))  # [O8/8, G, 4, 8, 4]
-        self.register_buffer("d", _to_groups(d, pieces=0))  # [O8/8, G, 8]
-        self.register_buffer("m", _to_groups(m, pieces=0))
+        # float16, as the kernel reads them: [O8/8, G, 8]
+        self.register_buffer("d", _to_groups(d, pieces=0).half())
+        self.register_buffer("m", _to_groups(m, pieces=0).half())
 
     def _product(self, x: Tensor) -> Tensor:
         return kernels().q4_1_linear(x, self.packed, self.d, self.m, self.out_features)
 
     def dequantized(self) -> Tensor:
         nibbles = _from_groups(self.packed, self.out_features)
-        d, m = (_from_groups(t, self.out_features) for t in (self.d, self.m))
+        d, m = (_from_groups(t, self.out_features).float() for t in (self.d, self.m))
         return unpack_q4_1(nibbles, d, m)
 
 
@@ -194,14 +206,14 @@ class Q8Linear(QuantizedLinear):
         w8, d = pack_q8_0(linear.weight)
         bytes_ = w8.view(torch.uint8)  # the kernel reads the int8 values from raw bytes
         self.register_buffer("packed", _to_groups(bytes_, pieces=8))  # [O8/8, G, 8, 8, 4]
-        self.register_buffer("d", _to_groups(d, pieces=0))  # [O8/8, G, 8]
+        self.register_buffer("d", _to_groups(d, pieces=0).half())  # [O8/8, G, 8] float16
 
     def _product(self, x: Tensor) -> Tensor:
         return kernels().q8_0_linear(x, self.packed, self.d, self.out_features)
 
     def dequantized(self) -> Tensor:
         w8 = _from_groups(self.packed, self.out_features).contiguous().view(torch.int8)
-        return unpack_q8_0(w8, _from_groups(self.d, self.out_features))
+        return unpack_q8_0(w8, _from_groups(self.d, self.out_features).float())
 
 
 def set_prefill_float(model: nn.Module, enabled: bool) -> None:

@@ -16,7 +16,8 @@
 //   q4_1: packed [O8/8, K/32, 4, 8, 4] u8: piece c of row r is bytes 4c..4c+3 of the row's
 //         16 GGUF bytes; low nibbles are inputs 4c..4c+3, high nibbles inputs 16+4c..16+4c+3.
 //   q8_0: packed [O8/8, K/32, 8, 8, 4] i8: piece c of row r is inputs 4c..4c+3.
-//   d, m: [O8/8, K/32, 8] f32 (one vector of the 8 rows' scales per block).
+//   d, m: [O8/8, K/32, 8] f16 (one vector of the 8 rows' scales per block; float16 as in the
+//         GGUF, which is also 2 of the 6 bits a Q4_1 weight costs to read instead of 4).
 // Multiplying a piece by the activations' matching 4 bytes broadcast to every lane gives, in
 // lane r, row r's partial dot product: the 8 outputs of a group come out in one vector, with
 // no horizontal sums (the idea of llama.cpp's repacked "8x8" CPU kernels). x is [T, K] f32.
@@ -81,10 +82,15 @@ inline __m256i broadcast4(const int8_t* p) {
 
 struct Problem {
   const uint8_t* packed;  // one of the layouts above
-  const float* d;         // [O8/8, nb, 8]
-  const float* m;         // q4_1 only: [O8/8, nb, 8]
+  const uint16_t* d;      // [O8/8, nb, 8] float16
+  const uint16_t* m;      // q4_1 only: [O8/8, nb, 8] float16
   int64_t K, nb, O;
 };
+
+// The 8 float16 scales at p, as floats.
+inline __m256 load_scales(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
 
 // Row group g against tokens t0 .. t0 + NT: out[i][r] = y[t0 + i, 8 g + r].
 // Q4_1: a piece's low and high nibbles (u4) times the broadcast activations (i8) with
@@ -97,8 +103,8 @@ void q4_group(const Problem& p, const QuantizedActivations& a, int64_t g, int64_
   __m256 acc[NT];
   for (int i = 0; i < NT; ++i) acc[i] = _mm256_setzero_ps();
   const uint8_t* wg = p.packed + g * p.nb * 128;
-  const float* dg = p.d + g * p.nb * kRows;
-  const float* mg = p.m + g * p.nb * kRows;
+  const uint16_t* dg = p.d + g * p.nb * kRows;
+  const uint16_t* mg = p.m + g * p.nb * kRows;
   for (int64_t b = 0; b < p.nb; ++b) {
     __m256i sum16[NT];
     for (int i = 0; i < NT; ++i) sum16[i] = _mm256_setzero_si256();
@@ -113,8 +119,8 @@ void q4_group(const Problem& p, const QuantizedActivations& a, int64_t g, int64_
         sum16[i] = _mm256_add_epi16(sum16[i], _mm256_add_epi16(plo, phi));
       }
     }
-    const __m256 dv = _mm256_loadu_ps(dg + b * kRows);
-    const __m256 mv = _mm256_loadu_ps(mg + b * kRows);
+    const __m256 dv = load_scales(dg + b * kRows);
+    const __m256 mv = load_scales(mg + b * kRows);
     for (int i = 0; i < NT; ++i) {
       const int64_t tb = (t0 + i) * p.nb + b;
       const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum16[i], ones));
@@ -134,7 +140,7 @@ void q8_group(const Problem& p, const QuantizedActivations& a, int64_t g, int64_
   __m256 acc[NT];
   for (int i = 0; i < NT; ++i) acc[i] = _mm256_setzero_ps();
   const uint8_t* wg = p.packed + g * p.nb * 256;
-  const float* dg = p.d + g * p.nb * kRows;
+  const uint16_t* dg = p.d + g * p.nb * kRows;
   for (int64_t b = 0; b < p.nb; ++b) {
     __m256i sum32[NT];
     for (int i = 0; i < NT; ++i) sum32[i] = _mm256_setzero_si256();
@@ -148,7 +154,7 @@ void q8_group(const Problem& p, const QuantizedActivations& a, int64_t g, int64_
         sum32[i] = _mm256_add_epi32(sum32[i], _mm256_madd_epi16(pairs, ones));
       }
     }
-    const __m256 dv = _mm256_loadu_ps(dg + b * kRows);
+    const __m256 dv = load_scales(dg + b * kRows);
     for (int i = 0; i < NT; ++i) {
       const int64_t tb = (t0 + i) * p.nb + b;
       const __m256 dot = _mm256_cvtepi32_ps(sum32[i]);
@@ -198,9 +204,9 @@ void check_input(const at::Tensor& x, int64_t K, const char* name) {
 }
 
 void check_scales(const at::Tensor& s, int64_t groups, int64_t nb, const char* name) {
-  TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous() && s.dim() == 3 &&
+  TORCH_CHECK(s.scalar_type() == at::kHalf && s.is_contiguous() && s.dim() == 3 &&
                   s.size(0) == groups && s.size(1) == nb && s.size(2) == kRows,
-              name, " must be contiguous float32 [O8/8, K/32, 8]");
+              name, " must be contiguous float16 [O8/8, K/32, 8]");
 }
 
 Problem problem(const at::Tensor& packed, int64_t pieces, int64_t out_features,
@@ -215,7 +221,7 @@ Problem problem(const at::Tensor& packed, int64_t pieces, int64_t out_features,
   check_scales(d, groups, packed.size(1), "d");
   Problem p;
   p.packed = packed.data_ptr<uint8_t>();
-  p.d = d.data_ptr<float>();
+  p.d = reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>());
   p.m = nullptr;
   p.nb = packed.size(1);
   p.K = p.nb * kBlock;
@@ -230,7 +236,7 @@ at::Tensor q4_1_linear(const at::Tensor& x, const at::Tensor& packed, const at::
                        const at::Tensor& m, int64_t out_features) {
   Problem p = problem(packed, 4, out_features, d);
   check_scales(m, packed.size(0), p.nb, "m");
-  p.m = m.data_ptr<float>();
+  p.m = reinterpret_cast<const uint16_t*>(m.data_ptr<at::Half>());
   check_input(x, p.K, "q4_1_linear");
   return product<false>(x, p);
 }
