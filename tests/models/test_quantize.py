@@ -68,6 +68,28 @@ def test_packing_brings_gguf_grids_back():
     torch.testing.assert_close(unpack_q8_0(got_w8, got_d), q8_weight, rtol=1e-6, atol=1e-8)
 
 
+def test_scales_are_float16_as_in_a_gguf():
+    g = torch.Generator().manual_seed(7)
+    weight = torch.randn(16, 64, generator=g) * 0.1  # not on any grid: scales get rounded
+    _, d, m = pack_q4_1(weight)
+    _, d8 = pack_q8_0(weight)
+    for scales in (d, m, d8):
+        assert torch.equal(scales.half().float(), scales)
+    for layer in (Q4Linear(linear_with(weight)), Q8Linear(linear_with(weight))):
+        assert layer.d.dtype == torch.float16
+        # rounding the scales moves the weight by at most half a step of the grid and a bit
+        step = (d if isinstance(layer, Q4Linear) else d8).max()
+        assert (layer.dequantized() - weight).abs().max() <= step * 0.51 + 1e-3
+
+
+@pytest.mark.parametrize("pack", [pack_q4_1, pack_q8_0])
+def test_scales_beyond_float16_are_refused(pack):
+    weight = torch.zeros(8, 32)
+    weight[0, 1] = 3e7  # its block's scale is far beyond float16's 65504
+    with pytest.raises(ValueError, match="float16"):
+        pack(weight)
+
+
 @pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
 @pytest.mark.parametrize("out_features", [1, 48, 49])
 def test_kernels_compute_their_reference(kind, out_features):
