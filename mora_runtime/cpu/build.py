@@ -13,12 +13,14 @@ per layer on any CPU with a C++ compiler and OpenMP.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import logging
 import os
 import platform
 import subprocess
-import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +29,6 @@ import torch
 from mora_runtime.paths import native_build_dir
 
 logger = logging.getLogger(__name__)
-# A build's lock file older than this belongs to a builder that died: no build runs this long,
-# and torch's loader would otherwise wait on it forever.
-STALE_LOCK_S = 20 * 60
 
 _CSRC = Path(__file__).parent / "csrc"
 SOURCES = tuple(
@@ -74,33 +73,45 @@ def _load(name: str, sources: tuple[Path, ...], headers: tuple[Path, ...], flags
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     directory = native_build_dir(name, (*sources, *headers), torch.__version__, *flags)
     directory.mkdir(parents=True, exist_ok=True)
-    _drop_stale_lock(directory)
-    try:
-        # torch's loader locks the directory, so replicas starting together build once.
-        return load(
-            name=f"mora_{directory.name.replace('-', '_')}",
-            sources=[str(source) for source in sources],
-            extra_cflags=list(flags),
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(directory),
-            verbose=False,
-        )
-    except (ImportError, OSError, RuntimeError, subprocess.SubprocessError) as error:
-        logger.warning("CPU extension %s unavailable (%s)", name, error)
-        return None
+    # Replicas starting together build once: each waits for this lock, and whoever holds it
+    # builds or loads what the first one built.
+    with build_lock(directory):
+        drop_dead_lock(directory)
+        try:
+            return load(
+                name=f"mora_{directory.name.replace('-', '_')}",
+                sources=[str(source) for source in sources],
+                extra_cflags=list(flags),
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(directory),
+                verbose=False,
+            )
+        except (ImportError, OSError, RuntimeError, subprocess.SubprocessError) as error:
+            logger.warning("CPU extension %s unavailable (%s)", name, error)
+            return None
 
 
-def _drop_stale_lock(directory: Path) -> None:
-    """torch's loader waits for as long as its `lock` file exists, and a build that was
-    killed leaves it behind: every later replica would then hang at its first forward. A
-    lock older than any build takes is a dead builder's, so it goes."""
+@contextlib.contextmanager
+def build_lock(directory: Path) -> Iterator[None]:
+    """Held while this process builds or loads the extension in `directory`. An flock: the
+    kernel releases it when its process ends, however it ends, so a killed build never
+    holds it."""
+    with open(directory / "build.flock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def drop_dead_lock(directory: Path) -> None:
+    """Under `build_lock`: remove torch's own `lock` file if one is there. torch's loader waits
+    for as long as that file exists, and a build that was killed leaves it behind, so every
+    later load would hang. Every live builder holds `build_lock` while the file exists, so
+    one found by the holder was left by a builder that died."""
     lock = directory / "lock"
-    try:
-        age = time.time() - lock.stat().st_mtime
-    except FileNotFoundError:
-        return
-    if age > STALE_LOCK_S:
-        logger.warning("removing %s, left %.0f s ago by a build that did not finish", lock, age)
+    if lock.exists():
+        logger.warning("removing %s, left by a build that did not finish", lock)
         lock.unlink(missing_ok=True)
 
 
