@@ -228,7 +228,8 @@ def quantize_model(model: nn.Module) -> dict[str, int]:
     """Replace the model's linears in place: blocks -> Q4Linear, output head -> Q8Linear.
 
     The input embedding stays float (an embedding lookup reads one row per token). Layers the
-    kernels cannot take (K not a multiple of 32) keep their float weights. Returns counts
+    kernels cannot take (K not a multiple of 32, scales beyond float16) keep their float
+    weights. Returns counts
     per kind. Must run before `patching.patch_model`.
     """
     if not int4_supported():
@@ -242,7 +243,12 @@ def quantize_model(model: nn.Module) -> dict[str, int]:
             counts["float"] += 1
             continue
         kind = "q8_0" if module is head else "q4_1"
-        replacement = Q8Linear(module) if kind == "q8_0" else Q4Linear(module)
+        try:
+            replacement = Q8Linear(module) if kind == "q8_0" else Q4Linear(module)
+        except ValueError as reason:  # scales beyond float16: this layer keeps its weights
+            logger.warning("%s stays float: %s", path, reason)
+            counts["float"] += 1
+            continue
         counts[kind] += 1
         parent_path, _, name = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model

@@ -159,6 +159,17 @@ def test_quantize_model_replaces_block_linears_and_the_head_only():
     assert kl < 5e-3 and agree >= 0.9, (kl, agree)
 
 
+def test_a_layer_whose_scales_overflow_float16_keeps_its_float_weights():
+    model = tiny_llama()
+    huge = model.model.layers[1].mlp.up_proj
+    with torch.no_grad():
+        huge.weight[0, 0] = 3e7  # its block's scale is far beyond float16's range
+    counts = quantize_model(model)
+    assert counts == {"q4_1": 2 * 7 - 1, "q8_0": 1, "float": 1}
+    assert model.model.layers[1].mlp.up_proj is huge
+    assert isinstance(model.model.layers[1].mlp.down_proj, Q4Linear)
+
+
 def test_expert_sets_of_the_float_model_fit_the_quantised_one():
     float_model, model = tiny_llama(), tiny_llama()
     quantize_model(model)

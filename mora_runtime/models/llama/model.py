@@ -155,9 +155,11 @@ def _native_arguments(block: _Block, backend: LayerBackend | None) -> tuple[Any,
     where the layer runs op by op: adapted products add their deltas from C++ only through
     the cpu_fused backend's plan. Read from the modules as they are now (patching may come
     and go after the compact forward is built)."""
+    if backend is None:  # nothing adds a delta: no need to look at the modules
+        return None, []
     members = products(block.layer)
     adapted = [isinstance(m, MoRALinear) for m in members]
-    if backend is None or not any(adapted):
+    if not any(adapted):
         return None, []
     if not isinstance(backend, CpuFusedBackend):
         return None
