@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from mora_runtime.cpu.build import kernels
 from mora_runtime.engine.core import Engine
 from mora_runtime.engine.params import SamplingParams
 from mora_runtime.expert_sets.fingerprint import base_fingerprint
@@ -105,6 +106,38 @@ def test_kernels_compute_their_reference(kind, out_features):
         want = quantize_activations(x.reshape(count, 96)) @ layer.dequantized().t()
         want = want + linear.bias.detach()
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def avx2_kernels():
+    """Switches the products to the AVX2 kernels; back to the default afterwards."""
+    module = kernels()
+    if module is None or not module.quant_vnni_available():
+        pytest.skip("this CPU has no AVX-512 VNNI kernels to compare")
+    yield lambda enabled: module.set_quant_vnni(not enabled)
+    module.set_quant_vnni(True)
+
+
+@pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
+@pytest.mark.parametrize("out_features", [1, 8, 16, 24, 49, 200])
+def test_vnni_kernels_equal_the_avx2_kernels_bit_for_bit(kind, out_features, avx2_kernels):
+    """Two row groups per AVX-512 vector and vpdpbusd compute the same integers and the same
+    float steps as the AVX2 kernels: odd and even group counts, padded last groups, tiles
+    filled and not, weights and activations at the ends of their 8-bit ranges."""
+    g = torch.Generator().manual_seed(out_features)
+    weight = torch.randn(out_features, 160, generator=g) * 0.1
+    weight[:, ::7] *= 20  # blocks whose largest weight sits far from the rest
+    layer = (Q4Linear if kind == "q4_1" else Q8Linear)(linear_with(weight))
+    layer.prefill_float = False
+    for count in (1, 3, 4, 5, 17):
+        x = torch.randn(count, 160, generator=g) * 3
+        x[:, 5] = -1e3  # the block's activations at -127 and its neighbours near 0
+        with torch.inference_mode():
+            avx2_kernels(True)
+            want = layer(x)
+            avx2_kernels(False)
+            got = layer(x)
+        assert torch.equal(got, want), (kind, out_features, count)
 
 
 @pytest.mark.parametrize("kind", ["q4_1", "q8_0"])

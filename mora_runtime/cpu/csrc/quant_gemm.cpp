@@ -24,12 +24,15 @@
 //
 // Every token is computed by the same instructions in the same order whatever else is in
 // the batch (integer sums are exact, the float steps run per token in block order): results
-// do not depend on the batch size. Work is split over row groups with at::parallel_for
-// (torch's own thread pool, so the kernel never competes with torch's threads). The loader
-// builds this file only on x86-64 CPUs with AVX2 and FMA (elsewhere weights stay float).
+// do not depend on the batch size. Work is split over pairs of row groups with
+// at::parallel_for (torch's own thread pool, so the kernel never competes with torch's
+// threads). The loader builds this file only on x86-64 CPUs with AVX2 and FMA (elsewhere
+// weights stay float); where the CPU also has AVX-512 VNNI (checked at run time), pairs of
+// row groups take the 512-bit kernels below, which give the same bits.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -177,6 +180,146 @@ void run_group(const Problem& p, const QuantizedActivations& a, int64_t g, int64
   for (int i = 0; i < NT; ++i) std::memcpy(y + (t0 + i) * p.O + g * kRows, tile[i], rows * 4);
 }
 
+// AVX-512 with VNNI, where the CPU has it: two row groups side by side in one 512-bit vector
+// (lanes 0-7 group g, lanes 8-15 group g + 1) and the byte products summed straight into 32
+// bits by vpdpbusd. Each lane computes the same integers and then the same float steps in
+// the same order as the AVX2 kernels above, so the results are bit for bit theirs (the tests
+// compare the two); there are half as many instructions per weight.
+#define MORA_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+
+MORA_VNNI inline __m512i load_pair(const uint8_t* first, const uint8_t* second) {
+  const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(first));
+  const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(second));
+  return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+}
+
+MORA_VNNI inline __m512 load_scale_pair(const uint16_t* first, const uint16_t* second) {
+  const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(first));
+  const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(second));
+  return _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1));
+}
+
+MORA_VNNI inline __m512i broadcast4_512(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return _mm512_set1_epi32(v);
+}
+
+// Q4_1, groups g and g + 1: nibbles (u8) times activations (i8), 4 products per lane and
+// instruction; the low and high nibbles sum into separate registers (two dependency chains).
+template <int NT>
+MORA_VNNI void q4_pair(const Problem& p, const QuantizedActivations& a, int64_t g, int64_t t0,
+                       float out[][2 * kRows]) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  __m512 acc[NT];
+  for (int i = 0; i < NT; ++i) acc[i] = _mm512_setzero_ps();
+  const uint8_t* w0 = p.packed + g * p.nb * 128;
+  const uint8_t* w1 = w0 + p.nb * 128;
+  const uint16_t* d0 = p.d + g * p.nb * kRows;
+  const uint16_t* m0 = p.m + g * p.nb * kRows;
+  for (int64_t b = 0; b < p.nb; ++b) {
+    __m512i sum_lo[NT], sum_hi[NT];
+    for (int i = 0; i < NT; ++i) sum_lo[i] = sum_hi[i] = _mm512_setzero_si512();
+    for (int c = 0; c < 4; ++c) {
+      const __m512i raw = load_pair(w0 + b * 128 + c * 32, w1 + b * 128 + c * 32);
+      const __m512i lo = _mm512_and_si512(raw, low4);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
+      for (int i = 0; i < NT; ++i) {
+        const int8_t* qb = a.q.data() + (t0 + i) * p.K + b * kBlock;
+        sum_lo[i] = _mm512_dpbusd_epi32(sum_lo[i], lo, broadcast4_512(qb + 4 * c));
+        sum_hi[i] = _mm512_dpbusd_epi32(sum_hi[i], hi, broadcast4_512(qb + 16 + 4 * c));
+      }
+    }
+    const __m512 dv = load_scale_pair(d0 + b * kRows, d0 + (p.nb + b) * kRows);
+    const __m512 mv = load_scale_pair(m0 + b * kRows, m0 + (p.nb + b) * kRows);
+    for (int i = 0; i < NT; ++i) {
+      const int64_t tb = (t0 + i) * p.nb + b;
+      const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(sum_lo[i], sum_hi[i]));
+      acc[i] = _mm512_fmadd_ps(dot, _mm512_mul_ps(dv, _mm512_set1_ps(a.scale[tb])), acc[i]);
+      acc[i] = _mm512_fmadd_ps(mv, _mm512_set1_ps(a.sum[tb]), acc[i]);
+    }
+  }
+  for (int i = 0; i < NT; ++i) _mm512_storeu_ps(out[i], acc[i]);
+}
+
+// Q8_0, groups g and g + 1: vpdpbusd wants unsigned bytes on one side, so the activations
+// go in shifted by 128 (q + 128 in 0..254) and 128 * sum(w) comes off again, in 32 bits.
+template <int NT>
+MORA_VNNI void q8_pair(const Problem& p, const QuantizedActivations& a, int64_t g, int64_t t0,
+                       float out[][2 * kRows]) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  const __m512i shift = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512 acc[NT];
+  for (int i = 0; i < NT; ++i) acc[i] = _mm512_setzero_ps();
+  const uint8_t* w0 = p.packed + g * p.nb * 256;
+  const uint8_t* w1 = w0 + p.nb * 256;
+  const uint16_t* d0 = p.d + g * p.nb * kRows;
+  for (int64_t b = 0; b < p.nb; ++b) {
+    __m512i weight_sum = _mm512_setzero_si512(), sum[NT];
+    for (int i = 0; i < NT; ++i) sum[i] = _mm512_setzero_si512();
+    for (int c = 0; c < 8; ++c) {
+      const __m512i w = load_pair(w0 + b * 256 + c * 32, w1 + b * 256 + c * 32);
+      weight_sum = _mm512_dpbusd_epi32(weight_sum, ones, w);
+      for (int i = 0; i < NT; ++i) {
+        const int8_t* qb = a.q.data() + (t0 + i) * p.K + b * kBlock;
+        const __m512i shifted = _mm512_xor_si512(broadcast4_512(qb + 4 * c), shift);
+        sum[i] = _mm512_dpbusd_epi32(sum[i], shifted, w);
+      }
+    }
+    const __m512i offset = _mm512_slli_epi32(weight_sum, 7);
+    const __m512 dv = load_scale_pair(d0 + b * kRows, d0 + (p.nb + b) * kRows);
+    for (int i = 0; i < NT; ++i) {
+      const int64_t tb = (t0 + i) * p.nb + b;
+      const __m512 dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(sum[i], offset));
+      acc[i] = _mm512_fmadd_ps(dot, _mm512_mul_ps(dv, _mm512_set1_ps(a.scale[tb])), acc[i]);
+    }
+  }
+  for (int i = 0; i < NT; ++i) _mm512_storeu_ps(out[i], acc[i]);
+}
+
+template <bool Q8, int NT>
+MORA_VNNI void run_pair(const Problem& p, const QuantizedActivations& a, int64_t g, int64_t t0,
+                        float* y) {
+  float tile[NT][2 * kRows];
+  if (Q8) {
+    q8_pair<NT>(p, a, g, t0, tile);
+  } else {
+    q4_pair<NT>(p, a, g, t0, tile);
+  }
+  const int64_t rows = std::min(2 * kRows, p.O - g * kRows);  // g + 1 may end in padding
+  for (int i = 0; i < NT; ++i) std::memcpy(y + (t0 + i) * p.O + g * kRows, tile[i], rows * 4);
+}
+
+bool cpu_has_vnni() {
+  static const bool has = __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") &&
+                          __builtin_cpu_supports("avx512vnni");
+  return has;
+}
+
+std::atomic<bool> use_vnni{true};  // set_quant_vnni: the tests run both kernels
+
+// The row groups from `begin` to `end` for every token: in pairs with VNNI, the last odd
+// group (and every group without VNNI) by the AVX2 kernel.
+template <bool Q8>
+void run_groups(const Problem& p, const QuantizedActivations& a, int64_t T, int64_t begin,
+                int64_t end, float* out) {
+  int64_t g = begin;
+  if (use_vnni && cpu_has_vnni()) {
+    for (; g + 2 <= end; g += 2) {
+      int64_t t0 = 0;
+      for (; t0 + 4 <= T; t0 += 4) run_pair<Q8, 4>(p, a, g, t0, out);
+      for (; t0 < T; ++t0) run_pair<Q8, 1>(p, a, g, t0, out);
+    }
+  }
+  for (; g < end; ++g) {
+    int64_t t0 = 0;
+    for (; t0 + 4 <= T; t0 += 4) run_group<Q8, 4>(p, a, g, t0, out);
+    for (; t0 < T; ++t0) run_group<Q8, 1>(p, a, g, t0, out);
+  }
+}
+
 template <bool Q8>
 at::Tensor product(const at::Tensor& x, const Problem& p) {
   const int64_t T = x.size(0);
@@ -185,13 +328,10 @@ at::Tensor product(const at::Tensor& x, const Problem& p) {
   const QuantizedActivations a = quantize_activations(x.data_ptr<float>(), T, p.K);
   float* out = y.data_ptr<float>();
   const int64_t groups = (p.O + kRows - 1) / kRows;
-  // A group's weights (<= 8 * K bytes) stay in L1 while the token tiles pass over them.
-  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g) {
-      int64_t t0 = 0;
-      for (; t0 + 4 <= T; t0 += 4) run_group<Q8, 4>(p, a, g, t0, out);
-      for (; t0 < T; ++t0) run_group<Q8, 1>(p, a, g, t0, out);
-    }
+  // Threads take pairs of groups (a pair's weights, <= 16 * K bytes, stay in L1 while the
+  // token tiles pass over them).
+  at::parallel_for(0, (groups + 1) / 2, 1, [&](int64_t begin, int64_t end) {
+    run_groups<Q8>(p, a, T, 2 * begin, std::min(2 * end, groups), out);
   });
   return y;
 }
@@ -248,3 +388,11 @@ at::Tensor q8_0_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   check_input(x, p.K, "q8_0_linear");
   return product<true>(x, p);
 }
+
+// Whether the products may use the AVX-512 VNNI kernels (where the CPU has them); returns
+// the previous setting. For the tests, which compare them with the AVX2 kernels.
+bool set_quant_vnni(bool enabled) {
+  return use_vnni.exchange(enabled);
+}
+
+bool quant_vnni_available() { return cpu_has_vnni(); }
