@@ -147,3 +147,20 @@ def tiny_llama_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def tiny_gpt2_dir(tmp_path: Path) -> Path:
     return _save_model_dir(build_tiny_gpt2(), tmp_path / "tiny-gpt2")
+
+
+@pytest.fixture(params=["avx2", "avx512"])
+def kernel_isa(request: pytest.FixtureRequest) -> Any:
+    """Runs a test once with the CPU kernels' AVX2 paths and once with their AVX-512 paths
+    (mora_runtime/cpu/csrc/avx512.h); the second only where the CPU has AVX-512."""
+    from mora_runtime.cpu.build import kernels
+
+    module = kernels()
+    if module is None:
+        pytest.skip("no CPU kernels on this machine")
+    if request.param == "avx512" and not module.avx512_available():
+        pytest.skip("this CPU has no AVX-512 kernels")
+    previous = module.set_avx512(request.param == "avx512")
+    yield request.param
+    module.set_avx512(previous)
+

@@ -43,7 +43,10 @@ SOURCES = tuple(
         "decoder_layer.cpp",
     )
 )
-HEADERS = tuple(_CSRC / name for name in ("avx2.h", "mora_route.h", "kernels.h", "expert_layer.h"))
+HEADERS = tuple(
+    _CSRC / name
+    for name in ("avx2.h", "avx512.h", "mora_route.h", "kernels.h", "expert_layer.h")
+)
 PORTABLE_SOURCES = (_CSRC / "bindings.cpp", _CSRC / "expert_layer.cpp")
 PORTABLE_HEADERS = (_CSRC / "mora_route.h", _CSRC / "expert_layer.h")
 # -fopenmp: at::parallel_for is an inline template whose OpenMP pragma is compiled into this

@@ -14,7 +14,11 @@ from mora_runtime.experts.patching import patch_model
 from mora_runtime.experts.routing import apply_values, route
 from tests.experts.test_patching import CAUSAL, build, ids, random_set
 
-pytestmark = pytest.mark.skipif(kernels() is None, reason="needs the AVX2 CPU extension")
+# Every test with the kernels' AVX2 paths and with their AVX-512 paths (tests/conftest.py).
+pytestmark = [
+    pytest.mark.skipif(kernels() is None, reason="needs the AVX2 CPU extension"),
+    pytest.mark.usefixtures("kernel_isa"),
+]
 TAU = 0.05
 LIMIT = 256  # the largest budget the kernels take (MORA_MAX_K, csrc/mora_route.h)
 

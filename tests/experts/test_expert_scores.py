@@ -9,10 +9,11 @@ import torch
 from mora_runtime.cpu.build import kernels
 
 
-@pytest.mark.parametrize("tokens", [1, 2, 3, 7, 16])
-@pytest.mark.parametrize(("slots", "width"), [(1, 8), (5, 64), (160, 576), (9, 20)])
-def test_kernel_computes_the_product(tokens, slots, width):
-    """Every tile shape and tail: keys not a multiple of 4, tokens not of 3, D not of 8."""
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5, 7, 16, 17])
+@pytest.mark.parametrize(("slots", "width"), [(1, 8), (5, 64), (160, 576), (9, 20), (6, 40)])
+def test_kernel_computes_the_product(tokens, slots, width, kernel_isa):
+    """Every tile shape and tail, with either instruction set: keys not a multiple of 4,
+    tokens not of 3 or 4, D not of 8 or of 16."""
     g = torch.Generator().manual_seed(tokens * 1000 + slots)
     x = torch.randn(tokens, width, generator=g)
     keys = torch.randn(slots, width, generator=g)

@@ -112,10 +112,10 @@ def test_kernels_compute_their_reference(kind, out_features):
 def avx2_kernels():
     """Switches the products to the AVX2 kernels; back to the default afterwards."""
     module = kernels()
-    if module is None or not module.quant_vnni_available():
+    if module is None or not module.avx512_available():
         pytest.skip("this CPU has no AVX-512 VNNI kernels to compare")
-    yield lambda enabled: module.set_quant_vnni(not enabled)
-    module.set_quant_vnni(True)
+    yield lambda enabled: module.set_avx512(not enabled)
+    module.set_avx512(True)
 
 
 @pytest.mark.parametrize("kind", ["q4_1", "q8_0"])

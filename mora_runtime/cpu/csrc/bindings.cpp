@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #ifdef __AVX2__
+#include "avx512.h"
 #include "kernels.h"
 #endif
 void bind_expert_layer(pybind11::module& module);
@@ -11,9 +12,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
 #ifdef __AVX2__
   module.def("q4_1_linear", &q4_1_linear, "x @ dequant(Q4_1 weight).T, 8-bit activations");
   module.def("q8_0_linear", &q8_0_linear, "x @ dequant(Q8_0 weight).T, 8-bit activations");
-  module.def("set_quant_vnni", &set_quant_vnni,
-             "whether products may use the AVX-512 VNNI kernels; returns the previous setting");
-  module.def("quant_vnni_available", &quant_vnni_available, "whether this CPU has them");
+  module.def(
+      "set_avx512", [](bool enabled) { return mora::avx512_allowed.exchange(enabled); },
+      "whether kernels may take their AVX-512 paths; returns the previous setting");
+  module.def("avx512_available", &mora::cpu_has_avx512, "whether this CPU has them");
   module.def("decode_attention", &decode_attention,
              "one query token per sequence against its cached keys and values");
   module.def("expert_scores", &expert_scores, "x [T, D] @ A [N, D]^T for small T");

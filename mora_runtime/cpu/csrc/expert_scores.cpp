@@ -3,14 +3,18 @@
 // What torch.mm(x, A.t()) computes, for the shapes of a decode step (T = a few dozen tokens,
 // N = the pool's slots, D = a layer's input width). At those shapes a BLAS call spends more
 // on set-up and threading than on the arithmetic (docs/performance.md has the figures), and
-// a model calls it once per adapted layer per step. Tiles of 4 keys x 3 tokens keep 12 sums in registers; the tile's
-// keys stay in L1 while every token passes. Work is split over keys on torch's thread pool.
+// a model calls it once per adapted layer per step. Tiles of 4 keys x 3 tokens keep 12 sums
+// in registers (4 x 4 in 512-bit registers where the CPU has AVX-512, avx512.h: twice the
+// products per instruction; the sums then add up in another order, so scores may differ
+// from the AVX2 kernel's in the last bits); the tile's keys stay in L1 while every token
+// passes. Work is split over keys on torch's thread pool.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include <cstdint>
 
 #include "avx2.h"
+#include "avx512.h"
 
 namespace {
 
@@ -39,10 +43,40 @@ void tile(const float* x, const float* a, float* z, int64_t t0, int64_t n0, int6
   }
 }
 
+// The same tile in 512-bit registers: D's multiple of 16 here, the rest by the caller.
+template <int NK, int NT>
+MORA_AVX512 void tile512(const float* x, const float* a, float* z, int64_t t0, int64_t n0,
+                         int64_t D, int64_t N) {
+  __m512 acc[NK][NT];
+  for (int k = 0; k < NK; ++k)
+    for (int t = 0; t < NT; ++t) acc[k][t] = _mm512_setzero_ps();
+  const int64_t body = D - D % 16;
+  for (int64_t i = 0; i < body; i += 16) {
+    __m512 keys[NK];
+    for (int k = 0; k < NK; ++k) keys[k] = _mm512_loadu_ps(a + (n0 + k) * D + i);
+    for (int t = 0; t < NT; ++t) {
+      const __m512 xt = _mm512_loadu_ps(x + (t0 + t) * D + i);
+      for (int k = 0; k < NK; ++k) acc[k][t] = _mm512_fmadd_ps(keys[k], xt, acc[k][t]);
+    }
+  }
+  for (int k = 0; k < NK; ++k) {
+    for (int t = 0; t < NT; ++t) {
+      float sum = _mm512_reduce_add_ps(acc[k][t]);
+      for (int64_t i = body; i < D; ++i) sum += x[(t0 + t) * D + i] * a[(n0 + k) * D + i];
+      z[(t0 + t) * N + n0 + k] = sum;
+    }
+  }
+}
+
 template <int NK>
 void key_tile(const float* x, const float* a, float* z, int64_t n0, int64_t T, int64_t D,
               int64_t N) {
   int64_t t0 = 0;
+  if (mora::use_avx512()) {
+    for (; t0 + 4 <= T; t0 += 4) tile512<NK, 4>(x, a, z, t0, n0, D, N);
+    for (; t0 < T; ++t0) tile512<NK, 1>(x, a, z, t0, n0, D, N);
+    return;
+  }
   for (; t0 + 3 <= T; t0 += 3) tile<NK, 3>(x, a, z, t0, n0, D, N);
   for (; t0 < T; ++t0) tile<NK, 1>(x, a, z, t0, n0, D, N);
 }

@@ -8,8 +8,6 @@ at::Tensor q4_1_linear(const at::Tensor& x, const at::Tensor& packed, const at::
                        const at::Tensor& m, int64_t out_features);
 at::Tensor q8_0_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& d,
                        int64_t out_features);
-bool set_quant_vnni(bool enabled);
-bool quant_vnni_available();
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& mask, double scale);
 at::Tensor expert_scores(const at::Tensor& x, const at::Tensor& A);

@@ -27,18 +27,18 @@
 // do not depend on the batch size. Work is split over pairs of row groups with
 // at::parallel_for (torch's own thread pool, so the kernel never competes with torch's
 // threads). The loader builds this file only on x86-64 CPUs with AVX2 and FMA (elsewhere
-// weights stay float); where the CPU also has AVX-512 VNNI (checked at run time), pairs of
-// row groups take the 512-bit kernels below, which give the same bits.
+// weights stay float); where the CPU also has AVX-512 VNNI (avx512.h), pairs of row groups
+// take the 512-bit kernels below, which give the same bits.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
 #include "avx2.h"
+#include "avx512.h"
 
 namespace {
 
@@ -185,21 +185,19 @@ void run_group(const Problem& p, const QuantizedActivations& a, int64_t g, int64
 // bits by vpdpbusd. Each lane computes the same integers and then the same float steps in
 // the same order as the AVX2 kernels above, so the results are bit for bit theirs (the tests
 // compare the two); there are half as many instructions per weight.
-#define MORA_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
-
-MORA_VNNI inline __m512i load_pair(const uint8_t* first, const uint8_t* second) {
+MORA_AVX512 inline __m512i load_pair(const uint8_t* first, const uint8_t* second) {
   const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(first));
   const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(second));
   return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
 }
 
-MORA_VNNI inline __m512 load_scale_pair(const uint16_t* first, const uint16_t* second) {
+MORA_AVX512 inline __m512 load_scale_pair(const uint16_t* first, const uint16_t* second) {
   const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(first));
   const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(second));
   return _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1));
 }
 
-MORA_VNNI inline __m512i broadcast4_512(const int8_t* p) {
+MORA_AVX512 inline __m512i broadcast4_512(const int8_t* p) {
   int32_t v;
   std::memcpy(&v, p, sizeof v);
   return _mm512_set1_epi32(v);
@@ -208,7 +206,7 @@ MORA_VNNI inline __m512i broadcast4_512(const int8_t* p) {
 // Q4_1, groups g and g + 1: nibbles (u8) times activations (i8), 4 products per lane and
 // instruction; the low and high nibbles sum into separate registers (two dependency chains).
 template <int NT>
-MORA_VNNI void q4_pair(const Problem& p, const QuantizedActivations& a, int64_t g, int64_t t0,
+MORA_AVX512 void q4_pair(const Problem& p, const QuantizedActivations& a, int64_t g, int64_t t0,
                        float out[][2 * kRows]) {
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   __m512 acc[NT];
@@ -245,7 +243,7 @@ MORA_VNNI void q4_pair(const Problem& p, const QuantizedActivations& a, int64_t 
 // Q8_0, groups g and g + 1: vpdpbusd wants unsigned bytes on one side, so the activations
 // go in shifted by 128 (q + 128 in 0..254) and 128 * sum(w) comes off again, in 32 bits.
 template <int NT>
-MORA_VNNI void q8_pair(const Problem& p, const QuantizedActivations& a, int64_t g, int64_t t0,
+MORA_AVX512 void q8_pair(const Problem& p, const QuantizedActivations& a, int64_t g, int64_t t0,
                        float out[][2 * kRows]) {
   const __m512i ones = _mm512_set1_epi8(1);
   const __m512i shift = _mm512_set1_epi8(static_cast<char>(0x80));
@@ -278,7 +276,7 @@ MORA_VNNI void q8_pair(const Problem& p, const QuantizedActivations& a, int64_t 
 }
 
 template <bool Q8, int NT>
-MORA_VNNI void run_pair(const Problem& p, const QuantizedActivations& a, int64_t g, int64_t t0,
+MORA_AVX512 void run_pair(const Problem& p, const QuantizedActivations& a, int64_t g, int64_t t0,
                         float* y) {
   float tile[NT][2 * kRows];
   if (Q8) {
@@ -290,23 +288,13 @@ MORA_VNNI void run_pair(const Problem& p, const QuantizedActivations& a, int64_t
   for (int i = 0; i < NT; ++i) std::memcpy(y + (t0 + i) * p.O + g * kRows, tile[i], rows * 4);
 }
 
-bool cpu_has_vnni() {
-  static const bool has = __builtin_cpu_supports("avx512f") &&
-                          __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") &&
-                          __builtin_cpu_supports("avx512vnni");
-  return has;
-}
-
-std::atomic<bool> use_vnni{true};  // set_quant_vnni: the tests run both kernels
-
 // The row groups from `begin` to `end` for every token: in pairs with VNNI, the last odd
 // group (and every group without VNNI) by the AVX2 kernel.
 template <bool Q8>
 void run_groups(const Problem& p, const QuantizedActivations& a, int64_t T, int64_t begin,
                 int64_t end, float* out) {
   int64_t g = begin;
-  if (use_vnni && cpu_has_vnni()) {
+  if (mora::use_avx512()) {
     for (; g + 2 <= end; g += 2) {
       int64_t t0 = 0;
       for (; t0 + 4 <= T; t0 += 4) run_pair<Q8, 4>(p, a, g, t0, out);
@@ -388,11 +376,3 @@ at::Tensor q8_0_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   check_input(x, p.K, "q8_0_linear");
   return product<true>(x, p);
 }
-
-// Whether the products may use the AVX-512 VNNI kernels (where the CPU has them); returns
-// the previous setting. For the tests, which compare them with the AVX2 kernels.
-bool set_quant_vnni(bool enabled) {
-  return use_vnni.exchange(enabled);
-}
-
-bool quant_vnni_available() { return cpu_has_vnni(); }
