@@ -163,4 +163,3 @@ def kernel_isa(request: pytest.FixtureRequest) -> Any:
     previous = module.set_avx512(request.param == "avx512")
     yield request.param
     module.set_avx512(previous)
-

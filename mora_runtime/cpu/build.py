@@ -44,8 +44,7 @@ SOURCES = tuple(
     )
 )
 HEADERS = tuple(
-    _CSRC / name
-    for name in ("avx2.h", "avx512.h", "mora_route.h", "kernels.h", "expert_layer.h")
+    _CSRC / name for name in ("avx2.h", "avx512.h", "mora_route.h", "kernels.h", "expert_layer.h")
 )
 PORTABLE_SOURCES = (_CSRC / "bindings.cpp", _CSRC / "expert_layer.cpp")
 PORTABLE_HEADERS = (_CSRC / "mora_route.h", _CSRC / "expert_layer.h")
